@@ -1,0 +1,125 @@
+"""REC and GREC metrics on hand-built cases (peers.md section 3), including SimVG's per-batch bug B5."""
+
+import pytest
+import torch
+
+from simvg.engine.metrics import (
+    GrecOutcome,
+    grec_outcome,
+    grec_summary,
+    greedy_match_count,
+    rec_accuracy,
+    rec_hits,
+    rec_ious,
+)
+
+
+def boxes(*rows):
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+
+def test_rec_iou_boundary_is_inclusive():
+    gt = boxes([0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10])
+    # [0,0,10,5]: inter 50, union 100 -> exactly 0.5 (hit); [0,0,10,4.9]: 0.49 (miss); disjoint: 0 (miss)
+    pred = boxes([0, 0, 10, 5], [0, 0, 10, 4.9], [20, 20, 30, 30])
+    ious = rec_ious(pred, gt)
+    assert ious.tolist() == pytest.approx([0.5, 0.49, 0.0])
+    assert rec_hits(ious).tolist() == [True, False, False]
+    assert rec_accuracy(rec_hits(ious)) == pytest.approx(100 / 3)
+
+
+def test_rec_uses_iou_not_giou():
+    # inter 60*9 = 540, union 1000 + 600 - 540 = 1060 -> IoU 0.509; hull 100*11 = 1100 -> GIoU 0.473
+    gt = boxes([0, 0, 100, 10])
+    pred = boxes([0, 1, 60, 11])
+    assert rec_ious(pred, gt).item() == pytest.approx(540 / 1060)
+    assert rec_hits(rec_ious(pred, gt)).tolist() == [True]
+
+
+def test_rec_accuracy_is_per_sample_over_split():
+    # A split of 3 batches (2, 2, 1 samples) with hits [1,1], [0,1], [0]: per-sample 60 %,
+    # per-batch mean (the official aggregation) would be (100 + 50 + 0) / 3 = 50 %.
+    assert rec_accuracy([True, True, False, True, False]) == pytest.approx(60.0)
+    assert rec_accuracy([]) == 0.0
+
+
+def test_greedy_matching_takes_highest_pair_first():
+    # Pred 0 matches both GTs; greedy picks (0, 0) = 0.9 first, then pred 1 can only take GT 1 at 0.6.
+    sim = torch.tensor([[0.9, 0.8], [0.7, 0.6]])
+    assert greedy_match_count(sim, 0.5) == 2
+    # After (0, 0) is taken, the remaining pair (1, 1) = 0.4 is below threshold.
+    assert greedy_match_count(torch.tensor([[0.9, 0.8], [0.7, 0.4]]), 0.5) == 1
+    assert greedy_match_count(torch.zeros(0, 3), 0.5) == 0
+
+
+def test_grec_single_target():
+    out = grec_outcome(boxes([0, 0, 10, 10], [50, 50, 60, 60]), torch.tensor([0.9, 0.2]), boxes([0, 0, 10, 10]))
+    assert (out.tp, out.fp, out.fn, out.num_kept) == (1, 0, 0, 1)
+    assert out.correct and out.f1 == 1.0
+
+
+def test_grec_multi_target_with_extra_box():
+    gt = boxes([0, 0, 10, 10], [20, 20, 30, 30])
+    pred = boxes([0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60])
+    out = grec_outcome(pred, torch.tensor([0.9, 0.8, 0.75]), gt)
+    assert (out.tp, out.fp, out.fn) == (2, 1, 0)
+    assert out.f1 == pytest.approx(4 / 5) and not out.correct
+
+
+def test_grec_missing_box():
+    gt = boxes([0, 0, 10, 10], [20, 20, 30, 30])
+    out = grec_outcome(boxes([0, 0, 10, 10], [20, 20, 30, 30]), torch.tensor([0.9, 0.69]), gt)
+    assert (out.tp, out.fp, out.fn, out.num_kept) == (1, 0, 1, 1)  # 0.69 < 0.7 is dropped
+    assert out.f1 == pytest.approx(2 / 3) and not out.correct
+
+
+def test_grec_score_threshold_is_inclusive():
+    out = grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.7]), boxes([0, 0, 10, 10]))
+    assert out.num_kept == 1 and out.correct
+
+
+def test_grec_no_target_with_and_without_box():
+    empty = torch.zeros(0, 4)
+    none_kept = grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.3]), empty)
+    one_kept = grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.8]), empty)
+    assert none_kept.no_target and none_kept.correct
+    assert one_kept.no_target and not one_kept.correct
+    summary = grec_summary([none_kept, one_kept])
+    assert summary["n_acc"] == pytest.approx(50.0)
+    assert summary["pr_f1"] == pytest.approx(50.0)
+    assert summary["t_acc"] == 0.0  # no target expressions at all
+
+
+def test_grec_giou_vs_iou_option():
+    # Same pair as the REC case: IoU 0.509 >= 0.5 > GIoU 0.473, so only the IoU option matches it.
+    gt = boxes([0, 0, 100, 10])
+    pred = boxes([0, 1, 60, 11])
+    assert grec_outcome(pred, torch.tensor([0.9]), gt, match_metric="iou").correct
+    assert not grec_outcome(pred, torch.tensor([0.9]), gt).correct
+    with pytest.raises(ValueError, match="match_metric"):
+        grec_outcome(pred, torch.tensor([0.9]), gt, match_metric="dice")
+
+
+def test_grec_one_prediction_cannot_match_two_targets():
+    gt_two = boxes([0, 0, 10, 10], [0, 0, 10, 10])
+    out = grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.9]), gt_two)
+    assert (out.tp, out.fp, out.fn) == (1, 0, 1) and not out.correct
+
+
+def test_grec_summary_counts_over_the_whole_split_not_per_batch():
+    """B5: a first batch with no no-target sample must not pull N-acc down; counts are global."""
+    hit = GrecOutcome(no_target=False, num_kept=1, tp=1, fp=0, fn=0)
+    miss = GrecOutcome(no_target=False, num_kept=0, tp=0, fp=0, fn=1)
+    rejected = GrecOutcome(no_target=True, num_kept=0, tp=0, fp=0, fn=0)
+    false_alarm = GrecOutcome(no_target=True, num_kept=2, tp=0, fp=0, fn=0)
+    # batches: [hit, miss] (no no-target), [hit, hit], [rejected, false_alarm], [rejected]
+    split = [hit, miss, hit, hit, rejected, false_alarm, rejected]
+    summary = grec_summary(split)
+    assert summary["pr_f1"] == pytest.approx(100 * 5 / 7)
+    assert summary["n_acc"] == pytest.approx(100 * 2 / 3)  # per-batch averaging with B5 would give (0+0+50+100)/4
+    assert summary["t_acc"] == pytest.approx(100 * 3 / 4)
+    assert summary["num_samples"] == 7 and summary["num_no_target"] == 3
+
+
+def test_grec_summary_empty():
+    assert grec_summary([]) == {"pr_f1": 0.0, "n_acc": 0.0, "t_acc": 0.0, "num_samples": 0.0, "num_no_target": 0.0}
