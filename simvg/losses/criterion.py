@@ -1,0 +1,90 @@
+"""DETR's set criterion as SimVG uses it (simvg.md 3.1): weighted CE + L1 + GIoU over matched pairs.
+
+For one branch output with final-layer predictions and optional ``aux_outputs`` the criterion returns the
+*weighted* terms ``loss_class``, ``loss_bbox``, ``loss_giou`` and, per auxiliary layer i, the same keys with the
+suffix ``_i``; the branch loss is their sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from simvg.losses.matcher import HungarianMatcher
+from simvg.utils.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+
+NO_OBJECT = 1  # logits index of the "no object" class
+
+
+def num_target_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
+    """Target boxes in the batch, averaged over processes when distributed, clamped at 1 (DETR)."""
+    num = torch.tensor(float(sum(len(t["boxes"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num)
+        num = num / dist.get_world_size()
+    return max(num.item(), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Match, then score classes over all queries and boxes over the matched pairs.
+
+    ``loss_class`` = cross entropy over all B*Q queries with class weights ``[1, eos_coef]`` and torch's weighted
+    mean (sum of w*nll / sum of w); ``loss_bbox`` = L1 on cxcywh summed over coordinates / num_boxes;
+    ``loss_giou`` = sum of (1 - GIoU) / num_boxes. Each term is multiplied by its weight.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        eos_coef: float = 0.1,
+        weight_class: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+        self.register_buffer("class_weight", torch.tensor([1.0, eos_coef]), persistent=False)
+
+    def loss_class(
+        self, logits: Tensor, targets: list[dict[str, Tensor]], pairs: list[tuple[Tensor, Tensor]]
+    ) -> Tensor:
+        """Weighted CE: logits [B, Q, 2]; unmatched queries are labelled "no object"."""
+        labels = torch.full(logits.shape[:2], NO_OBJECT, dtype=torch.int64, device=logits.device)
+        for i, (q, t) in enumerate(pairs):
+            labels[i, q.to(logits.device)] = targets[i]["labels"][t.to(logits.device)].long()
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=self.class_weight)
+
+    def loss_boxes(
+        self, boxes: Tensor, targets: list[dict[str, Tensor]], pairs: list[tuple[Tensor, Tensor]], num_boxes: float
+    ) -> tuple[Tensor, Tensor]:
+        """Summed L1 and summed (1 - GIoU) over matched pairs, each divided by ``num_boxes``; boxes [B, Q, 4]."""
+        src = torch.cat([boxes[i, q.to(boxes.device)] for i, (q, _) in enumerate(pairs)]).float()
+        tgt = torch.cat([targets[i]["boxes"][t.to(boxes.device)] for i, (_, t) in enumerate(pairs)]).to(src)
+        l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        return l1, (1 - giou).sum() / num_boxes
+
+    def single(self, out: dict[str, Any], targets: list[dict[str, Tensor]], num_boxes: float) -> dict[str, Tensor]:
+        """Weighted terms of one layer's predictions (``pred_logits`` [B, Q, 2], ``pred_boxes`` [B, Q, 4])."""
+        pairs = self.matcher(out, targets)
+        l1, giou = self.loss_boxes(out["pred_boxes"], targets, pairs, num_boxes)
+        terms = {"loss_class": self.loss_class(out["pred_logits"], targets, pairs), "loss_bbox": l1, "loss_giou": giou}
+        return {k: v * self.weights[k] for k, v in terms.items()}
+
+    def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Weighted terms of the final layer and of each ``aux_outputs`` layer (keys suffixed ``_0``, ``_1``...).
+
+        Args:
+            outputs: one branch's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``).
+            targets: B dicts with ``labels`` [n_i] (0 = object) and ``boxes`` [n_i, 4] cxcywh normalised.
+        """
+        num_boxes = num_target_boxes(targets, outputs["pred_boxes"].device)
+        losses = self.single(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update({f"{k}_{i}": v for k, v in self.single(aux, targets, num_boxes).items()})
+        return losses
