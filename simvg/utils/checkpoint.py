@@ -1,0 +1,236 @@
+"""Checkpoints: atomic writes, ``weights_only`` loads, prefix cleaning, checked partial loads, weight export.
+
+A training checkpoint is a plain dict of tensors and Python primitives (layout in ``CHECKPOINT_KEYS``), so it loads
+with ``torch.load(weights_only=True)``: the config is stored as a plain dict and RNG states as tensors.
+
+Writes are atomic: the data goes to a temporary file in the same folder, is flushed and fsynced, then
+``os.replace``-d over the destination and the folder is fsynced. A process killed at any moment therefore leaves
+either the previous file or the new one, never a torn file. ``SIMVG_FAULT_KILL_DURING_SAVE=N`` kills the process
+(SIGKILL) during the N-th write, after the temporary file is written and before the rename: the tests use it to
+prove that a crash mid-write resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from simvg.errors import UserError
+
+FORMAT_VERSION = 1
+CHECKPOINT_KEYS = (
+    "version",  # int, FORMAT_VERSION
+    "model",  # state dict of the unwrapped model (no "module." / "_orig_mod." prefixes)
+    "ema",  # {"module": state dict, "updates": int, "decay": float} or None
+    "optimizer",  # optimizer state dict or None
+    "scheduler",  # scheduler state dict or None
+    "scaler",  # GradScaler state dict or None
+    "epoch",  # int, 0-based epoch the run is in
+    "epoch_step",  # int, batches of `epoch` already trained (0 = the epoch starts afresh)
+    "step",  # int, optimisation steps done in total
+    "rng",  # list (one per rank) of rng_state() dicts
+    "config",  # the resolved Config as a plain dict
+    "metrics",  # dict of the latest validation metrics (floats)
+    "best_metric",  # float or None, the best validation score so far
+)
+_PREFIXES = ("module.", "_orig_mod.")
+_FAULT_ENV = "SIMVG_FAULT_KILL_DURING_SAVE"
+_saves_done = 0
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; some platforms cannot open a directory, which is harmless.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _maybe_inject_fault() -> None:
+    global _saves_done
+    _saves_done += 1
+    if os.environ.get(_FAULT_ENV) == str(_saves_done):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+            _maybe_inject_fault()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files left by a process killed in the middle of ``atomic_torch_save``."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically; unknown keys are refused so the layout stays documented."""
+    unknown = set(state) - set(CHECKPOINT_KEYS)
+    if unknown:
+        raise KeyError(f"unknown checkpoint keys {sorted(unknown)}; allowed: {CHECKPOINT_KEYS}")
+    atomic_torch_save({"version": FORMAT_VERSION, **state}, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on CPU with ``weights_only=True``; a missing or unreadable file is a ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's unpickler raises many types (IndexError, UnpicklingError...) on garbage
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first_line})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def model_state_from(obj: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint: ours, or an official/other one with "model"/"state_dict"."""
+    if use_ema and obj.get("ema"):
+        return clean_state_dict(obj["ema"]["module"])
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj.get(key), dict):
+            return clean_state_dict(obj[key])
+    return clean_state_dict(obj)
+
+
+def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Strip the wrappers' key prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile)."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def load_model_state(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "checkpoint"
+) -> tuple[list[str], list[str]]:
+    """Load weights into ``model``; returns (missing, unexpected) keys.
+
+    A shape mismatch is always an error (``UserError`` naming the key). With ``strict`` any missing or unexpected
+    key is an error too; otherwise the caller reports them.
+    """
+    state_dict = clean_state_dict(state_dict)
+    own = unwrap_model(model).state_dict()
+    for key, value in state_dict.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise UserError(
+                f"{source}: shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
+            )
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise UserError(f"{source}: {_describe_keys(missing, unexpected)}")
+    unwrap_model(model).load_state_dict(state_dict, strict=False)
+    return missing, unexpected
+
+
+def _describe_keys(missing: list[str], unexpected: list[str], limit: int = 5) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            parts.append(f"{len(keys)} {label} keys: {', '.join(keys[:limit])}{more}")
+    return "; ".join(parts) or "all keys match"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop touches, as tensors and plain types (``weights_only``-safe)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }  # fmt: skip
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+
+
+def export_weights(checkpoint: str | Path, out_dir: str | Path, use_ema: bool | None = None) -> Path:
+    """Write ``out_dir/model.safetensors`` + ``out_dir/config.yaml`` from a training checkpoint, for shipping.
+
+    ``use_ema=None`` takes the EMA weights when the checkpoint has them (they are what validation selected).
+    Returns the path of the weights file.
+    """
+    from safetensors.torch import save_file
+
+    obj = load_checkpoint(checkpoint)
+    if "config" not in obj:
+        raise UserError(f"{checkpoint}: no config inside; only checkpoints written by 'simvg train' can be exported")
+    ema = bool(obj.get("ema")) if use_ema is None else use_ema
+    if ema and not obj.get("ema"):
+        raise UserError(f"{checkpoint}: use_ema requested but the checkpoint holds no EMA weights")
+    state = model_state_from(obj, use_ema=ema)
+    # safetensors refuses shared or non-contiguous storage; a contiguous copy of each tensor is always valid.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.safetensors"
+    metadata = {"format": "simvg", "version": str(FORMAT_VERSION), "weights": "ema" if ema else "raw"}
+    save_file(tensors, str(weights), metadata=metadata)
+    (out / "config.yaml").write_text(yaml.safe_dump(obj["config"], sort_keys=False))
+    return weights
