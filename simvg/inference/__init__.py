@@ -1,0 +1,1 @@
+"""Inference as a product: ``Grounder`` (Python API), the ``ground``/``predict`` commands, drawing and the demo."""

@@ -1,0 +1,203 @@
+"""Grounding as a product: ``Grounder`` turns (image, expression) into boxes in original-image pixels.
+
+``Grounder.from_checkpoint(path)`` accepts the embedded default (``simvg/assets/default``), an exported model folder
+(``model.safetensors`` + ``config.yaml`` + ``tokenizer.spm``), a training checkpoint ``.pth`` (loaded with
+``weights_only=True``) or an ONNX file with its ``config.yaml`` and tokenizer beside it.
+
+Post-processing follows the official demo (simvg.md section 5): REC (one query) returns the arg-max query without a
+threshold; GREC (several queries) keeps every query whose object probability reaches ``score_threshold`` (0.7), and
+an empty set is an explicit ``no_target``. There is no NMS. Only the requested branch runs (no decoder for "token",
+the fast path SimVG lacks, B14), and a decoder-only model asked for the token branch is a clear error (B11, issue #7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from simvg.data.collate import boxes_to_original
+from simvg.errors import UserError
+from simvg.inference import loading
+
+ImageInput = str | Path | bytes | Image.Image
+BRANCHES = ("token", "decoder")
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a decompression bomb is not
+DEFAULT_MAX_TEXT_CHARS = 1000  # far past any real expression; the tokenizer truncates to the model's length anyway
+
+
+@dataclass
+class GroundingResult:
+    """What the model found for one expression. Boxes are xyxy in original-image pixels, best first."""
+
+    text: str
+    boxes: list[list[float]]  # [K, 4] xyxy pixels
+    scores: list[float]  # [K] object probability
+    no_target: bool  # GREC: nothing reached the threshold; always False for REC
+    task: str  # "rec" (one query) or "grec" (several)
+    branch: str  # "token" or "decoder"
+    image_size: tuple[int, int]  # (width, height) of the original image, after EXIF rotation
+    num_tokens: int  # text tokens the model saw (BOS/EOS included)
+    truncated: bool  # the expression was longer than the model's text length and was cut
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (boxes rounded to 0.01 px, scores to 1e-4)."""
+        return {
+            "text": self.text,
+            "task": self.task,
+            "branch": self.branch,
+            "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
+            "no_target": self.no_target,
+            "boxes": [
+                {"box": [round(float(v), 2) for v in box], "score": round(float(s), 4)}
+                for box, s in zip(self.boxes, self.scores)
+            ],
+            "num_tokens": self.num_tokens,
+            "truncated": self.truncated,
+            "warnings": list(self.warnings),
+        }
+
+
+def object_scores(logits: Tensor) -> Tensor:
+    """[..., 2] logits -> [...] object probability (index 0 = object, index 1 = no object)."""
+    return logits.float().softmax(-1)[..., 0]
+
+
+def select_queries(scores: Tensor, threshold: float) -> Tensor:
+    """Indices of the queries to report, best first, for one sample's [Q] scores.
+
+    Q == 1 (REC): the single query, whatever its score. Q > 1 (GREC): every query with score >= threshold,
+    possibly none. NaN scores are never kept.
+    """
+    if scores.numel() == 1:
+        return torch.zeros(1, dtype=torch.long)
+    keep = torch.nonzero(scores >= threshold).flatten()
+    return keep[scores[keep].argsort(descending=True)]
+
+
+def check_text(text: object, max_chars: int) -> str:
+    """The expression with whitespace normalised; UserError when it is not text, empty or too long."""
+    if not isinstance(text, str):
+        raise UserError(f"text must be a string, got {type(text).__name__}")
+    clean = " ".join(text.split())
+    if not clean:
+        raise UserError("text is empty: give an expression such as 'the red car on the left'")
+    if len(clean) > max_chars:
+        raise UserError(f"text is {len(clean)} characters long; the limit is {max_chars}")
+    return clean
+
+
+class Grounder:
+    """Ground referring expressions with a SimVG model (PyTorch or ONNX Runtime).
+
+    Build it with ``Grounder.from_checkpoint``; the constructor takes already loaded parts.
+    """
+
+    def __init__(
+        self,
+        runner: loading.Runner,
+        tokenizer: Any,
+        data_cfg: Any,
+        branch: str = "token",
+        score_threshold: float = 0.7,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        source: str = "",
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.data_cfg = data_cfg
+        self.branch = branch
+        self.score_threshold = score_threshold
+        self.max_pixels = max_pixels
+        self.max_text_chars = max_text_chars
+        self.source = source
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        branch: str = "token",
+        backend: str = "torch",
+        score_threshold: float = 0.7,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    ) -> Grounder:
+        """Load a model; ``path=None`` is the embedded default. An ``.onnx`` path implies ``backend="onnx"``."""
+        if branch not in BRANCHES:
+            raise UserError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise UserError(f"score threshold must lie in [0, 1], got {score_threshold}")
+        bundle = loading.load_bundle(path, device=device, branch=branch, backend=backend)
+        return cls(
+            bundle.runner,
+            bundle.tokenizer,
+            bundle.data_cfg,
+            branch=branch,
+            score_threshold=score_threshold,
+            max_pixels=max_pixels,
+            max_text_chars=max_text_chars,
+            source=str(bundle.source),
+        )
+
+    def ground(self, image: ImageInput, text: str, branch: str | None = None) -> GroundingResult:
+        """Ground one expression in one image (path, encoded bytes or PIL image).
+
+        ``branch`` overrides the grounder's branch for this call ("token" or "decoder").
+        """
+        return self.ground_batch([image], [text], branch)[0]
+
+    def ground_batch(
+        self, images: Sequence[ImageInput], texts: Sequence[str], branch: str | None = None
+    ) -> list[GroundingResult]:
+        """Ground ``texts[i]`` in ``images[i]`` for every i, in one forward pass."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        branch = branch or self.branch
+        if branch not in BRANCHES:
+            raise UserError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+        if not images:
+            return []
+        clean = [check_text(t, self.max_text_chars) for t in texts]
+        pils = [self.open_image(img) for img in images]
+        tensors, metas = zip(*(loading.preprocess_image(p, self.data_cfg) for p in pils))
+        ids, pad_mask, infos = loading.tokenize(self.tokenizer, clean)
+        logits, boxes = self.runner(torch.stack(tensors), ids, pad_mask, branch)
+        scores = object_scores(logits)  # [B, Q]
+        return [
+            self._result(text, pil, meta, scores[i], boxes[i], info, branch)
+            for i, (text, pil, meta, info) in enumerate(zip(clean, pils, metas, infos))
+        ]
+
+    def open_image(self, image: ImageInput) -> Image.Image:
+        """Decode a path, bytes or PIL image into an RGB PIL image (EXIF-rotated, size-checked)."""
+        if not isinstance(image, str | Path | bytes | Image.Image):
+            raise UserError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}")
+        return loading.open_rgb(image, self.max_pixels)
+
+    def _result(
+        self, text: str, image: Image.Image, meta: dict, scores: Tensor, boxes: Tensor, info: dict, branch: str
+    ) -> GroundingResult:
+        """One sample's [Q] scores and [Q, 4] normalised cxcywh boxes -> a GroundingResult."""
+        keep = select_queries(scores, self.score_threshold)
+        boxes_px = boxes_to_original(boxes[keep].float(), meta)
+        task = "rec" if scores.numel() == 1 else "grec"
+        return GroundingResult(
+            text=text,
+            boxes=boxes_px.tolist(),
+            scores=scores[keep].tolist(),
+            no_target=task == "grec" and keep.numel() == 0,
+            task=task,
+            branch=branch,
+            image_size=image.size,
+            num_tokens=info["num_tokens"],
+            truncated=info["truncated"],
+            warnings=info["warnings"],
+        )
