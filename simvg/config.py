@@ -1,0 +1,343 @@
+"""Experiment configuration: nested dataclasses loaded from complete YAML files plus ``--set key=value`` overrides.
+
+``Config(model, data, loss, train, eval)``: ``model`` names a preset of ``simvg.models.create_model`` plus overrides
+and the weights to start from; ``data`` is ``simvg.data.datasets.DataConfig``; ``loss`` is
+``simvg.losses.LossConfig``; ``train`` and ``eval`` are defined here. Files are complete (no ``_base_``
+inheritance, style-anchors.md 7.3), so every effective value is visible in one file. Unknown keys and wrong
+types raise ``UserError`` naming the key and the file; ``--set`` values are parsed with ``yaml.safe_load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from simvg.data.datasets import DataConfig
+from simvg.errors import UserError
+from simvg.losses import LossConfig
+
+
+@dataclass
+class ModelSection:
+    """Which model to build and which weights to start from.
+
+    ``preset`` names an entry of ``simvg.models.MODEL_PRESETS``; ``overrides`` replaces fields of its
+    ``SimVGConfig`` (nested dicts for nested dataclasses, e.g. ``{"encoder": {"drop_path_rate": 0.0}}``).
+    ``pretrained`` is a BEiT-3 checkpoint loaded into the encoder; ``init_from`` a ``simvg`` (or official)
+    checkpoint loaded into the whole model before training (stage 2, fine-tuning); ``init_use_ema`` takes its EMA
+    weights instead of the raw ones (the official stage 2 ignores EMA, simvg.md B15).
+    """
+
+    preset: str = "simvg_b32"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    init_from: str | None = None
+    init_use_ema: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpointing. Defaults are the official ViT-B/32 one-stage recipe (section 4)."""
+
+    output_dir: str = "runs/default"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    seed: int = 6666
+    epochs: int = 30
+    batch_size: int = 32  # per process (data.num_workers loader processes each)
+    lr: float = 5e-4  # head; the encoder gets lr * encoder_lr_scale
+    encoder_lr_scale: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    amsgrad: bool = True
+    schedule_unit: Literal["epoch", "step"] = "epoch"  # what `warmup` and `milestones` count
+    warmup: int = 3
+    milestones: list[int] = field(default_factory=lambda: [25])
+    gamma: float = 0.1
+    clip_grad_norm: float = 0.15  # 0 disables clipping
+    ema: bool = False
+    ema_decay: float = 0.999
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # CUDA only; CPU runs in float32
+    compile: bool = False
+    max_steps: int = 0  # stop after this many optimisation steps in total (0: run every epoch)
+    checkpoint_every_steps: int = 0  # also write last.pth every K steps (0: at the end of each epoch only)
+    eval_every_epochs: int = 1
+    eval_start_epoch: int = 0
+    log_every_steps: int = 50
+    deterministic: bool = False  # cuDNN/cuBLAS deterministic algorithms (slower)
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training and ``simvg eval`` defaults (metric definitions in ``simvg.engine.metrics``).
+
+    The validation splits are ``data.val_splits``; the first one selects ``best.pth``.
+    """
+
+    batch_size: int = 64
+    branch: Literal["both", "token", "decoder"] = "both"
+    iou_threshold: float = 0.5  # REC Acc@IoU
+    score_threshold: float = 0.7  # GREC: keep boxes with score >= this
+    match_threshold: float = 0.5  # GREC: greedy matching threshold
+    match_metric: Literal["giou", "iou"] = "giou"  # GREC: the official evaluator uses GIoU
+    max_samples: int = 0  # evaluate only the first N expressions of each split (0: all)
+
+
+@dataclass
+class Config:
+    """A complete experiment."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in the field's form (lists for tuples kept)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, where)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UserError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _convert_scalar(value, tp, where)
+
+
+def _convert_scalar(value: Any, tp: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept it as the number it obviously is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    elif isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+    else:
+        return value
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping; missing keys take defaults, unknown keys raise ``UserError``."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (lists, str, numbers, None) fit for YAML and for ``torch.load(weights_only=True)``."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value goes through ``yaml.safe_load``."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected key=value, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: cannot parse value {raw!r} ({str(exc).splitlines()[0]})") from None
+    return key.strip().split("."), value
+
+
+def _check_override_path(path: list[str], text: str) -> None:
+    """Refuse an override whose key does not exist in the schema (values inside free-form dicts are allowed)."""
+    cls: Any = Config
+    for depth, name in enumerate(path):
+        if not dataclasses.is_dataclass(cls):
+            if typing.get_origin(cls) is dict or cls is Any:
+                return
+            raise UserError(f"--set {text}: {'.'.join(path[:depth])} is not a section")
+        hints = _hints(cls)
+        if name not in hints:
+            raise UserError(f"--set {text}: unknown key {'.'.join(path[: depth + 1])}")
+        tp = hints[name]
+        cls = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if _is_optional(tp) else tp
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw config dict with each ``key=value`` set (dotted keys into sections)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        _check_override_path(path, text)
+        node = data
+        for name in path[:-1]:
+            child = node.get(name)
+            if not isinstance(child, dict):
+                child = node[name] = {}
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of sections")
+    return data
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    """Validate a raw dict (e.g. the one stored in a checkpoint) plus overrides into a ``Config``."""
+    try:
+        cfg = from_dict(Config, apply_overrides(data, list(overrides or [])), where="")
+        model_settings(cfg.model)
+        return cfg
+    except UserError as exc:
+        raise UserError(f"{source}: {str(exc).lstrip('.')}") from None
+
+
+def model_settings(section: ModelSection) -> Any:
+    """The ``SimVGConfig`` that ``section`` describes, every field type-checked (``UserError`` naming the key).
+
+    Overrides follow ``simvg.models.model_config``: plain fields by name, nested sections as dicts (merged into
+    the preset's), dotted keys (``encoder.depth``), or ``encoder`` as a BEiT-3 preset name.
+    """
+    from simvg.models import MODEL_PRESETS, SimVGConfig, model_config
+
+    if section.preset not in MODEL_PRESETS:
+        raise UserError(f"model.preset: unknown preset {section.preset!r}; known: {', '.join(sorted(MODEL_PRESETS))}")
+    if isinstance(section.overrides.get("encoder"), str):
+        return model_config(section.preset, **section.overrides)
+    merged = to_dict(MODEL_PRESETS[section.preset])
+    for key, value in section.overrides.items():
+        head, _, rest = key.partition(".")
+        if rest and isinstance(merged.get(head), dict):
+            merged[head] = {**merged[head], rest: value}
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return from_dict(SimVGConfig, merged, where="model.overrides")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment file and apply ``--set`` overrides; errors name the file and the key."""
+    return config_from_dict(read_yaml(path), overrides, source=str(path))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run's ``config.yaml``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections with one-line lists, so a config file reads like a table."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def dump_config(cfg: Config | dict[str, Any]) -> str:
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
