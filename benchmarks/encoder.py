@@ -1,0 +1,149 @@
+"""Forward latency of the BEiT-3 base encoder (random weights, fp32, inference_mode) against a matmul peak.
+
+Usage: python benchmarks/encoder.py [--repeats 5] [--cases 640/32x1,640/32x8,224/16x1,224/16x8] [--markdown]
+
+FLOPs are counted analytically (2*M*N*K for every matmul: patch projection, q/k/v, q@k^T, attn@v, out_proj, FFN) and
+cross-checked against ``torch.utils.flop_counter.FlopCounterMode``. The peak is the throughput of
+``torch.matmul([1024, 1024] @ [1024, 1024])`` timed in the same run, interleaved with the encoder timings so that
+load from other processes on a shared machine affects both alike. "GEMM-bound" is the time the encoder's own
+matmuls (same shapes, bare ``torch.matmul``) take; encoder time / GEMM-bound time shows the non-GEMM overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simvg.models.beit3 import BEiT3, BEiT3Config, beit3_config  # noqa: E402
+
+TEXT_LEN, TEXT_REAL = 20, 12  # SimVG's max_token; 8 padded positions as in a typical referring expression
+
+
+def matmul_shapes(cfg: BEiT3Config, batch: int, n_text: int) -> list[tuple[int, int, int, int]]:
+    """(count, M, K, N) of every matmul of one forward (per modality for the multiway projections)."""
+    d, f, grid = cfg.embed_dim, cfg.ffn_dim, cfg.img_size // cfg.patch_size
+    n_vis = grid * grid + 1
+    seq, heads = n_vis + n_text, cfg.num_heads
+    shapes = [(1, batch * grid * grid, cfg.in_chans * cfg.patch_size**2, d)]  # patch projection
+    for n in (n_vis, n_text):
+        m = batch * n
+        shapes += [(cfg.depth, m, d, 3 * d), (cfg.depth, m, d, d), (cfg.depth, m, d, f), (cfg.depth, m, f, d)]
+    hd = d // heads
+    shapes += [(cfg.depth * batch * heads, seq, hd, seq), (cfg.depth * batch * heads, seq, seq, hd)]
+    return shapes
+
+
+def encoder_flops(cfg: BEiT3Config, batch: int, n_text: int) -> int:
+    return sum(2 * c * m * k * n for c, m, k, n in matmul_shapes(cfg, batch, n_text))
+
+
+def attention_flops(cfg: BEiT3Config, batch: int, n_text: int) -> int:
+    """q@k^T and attn@v: the last two entries of ``matmul_shapes``."""
+    return sum(2 * c * m * k * n for c, m, k, n in matmul_shapes(cfg, batch, n_text)[-2:])
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    fn()  # warm-up (allocator, oneDNN primitive caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(repeats: int, size: int = 1024) -> float:
+    """Median GFLOP/s of [size, size] @ [size, size] (10 products per sample)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = timed(lambda: [torch.matmul(a, b) for _ in range(10)], repeats)
+    return 10 * 2 * size**3 / statistics.median(times) / 1e9
+
+
+def gemm_bound(cfg: BEiT3Config, batch: int, n_text: int, repeats: int) -> float:
+    """Median seconds of the encoder's matmuls alone (attention products batched over heads as in SDPA)."""
+    ops = []
+    for count, m, k, n in matmul_shapes(cfg, batch, n_text):
+        heads_batched = count >= cfg.depth * batch * cfg.num_heads and k != cfg.embed_dim
+        if heads_batched:
+            per_layer = count // cfg.depth
+            a, b = torch.randn(per_layer, m, k), torch.randn(per_layer, k, n)
+            ops.append((cfg.depth, a, b))
+        else:
+            ops.append((count, torch.randn(m, k), torch.randn(k, n)))
+
+    def run() -> None:
+        for count, a, b in ops:
+            for _ in range(count):
+                torch.matmul(a, b)
+
+    return statistics.median(timed(run, repeats))
+
+
+def check_flop_count(model: BEiT3, inputs: tuple, analytic: int, attention: int) -> None:
+    """FlopCounterMode must agree; it may miss SDPA (its CPU kernels are not registered), so allow exactly that."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    counted = counter.get_total_flops()
+    if counted not in (analytic, analytic - attention):
+        raise SystemExit(f"analytic FLOPs {analytic} (attention {attention}) != FlopCounterMode {counted}")
+
+
+def bench_case(img: int, patch: int, batch: int, repeats: int) -> dict:
+    """Interleaves one peak sample with one encoder forward per repeat; ratios per pair and best-of."""
+    cfg = beit3_config("base", img_size=img, patch_size=patch, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = BEiT3(cfg).eval()
+    image = torch.randn(batch, 3, img, img)
+    ids = torch.randint(3, cfg.vocab_size, (batch, TEXT_LEN))
+    pad = torch.arange(TEXT_LEN).expand(batch, -1) >= TEXT_REAL
+    flops = encoder_flops(cfg, batch, TEXT_LEN)
+    peaks, times = [], []
+    with torch.inference_mode():
+        check_flop_count(model, (image, ids, pad), flops, attention_flops(cfg, batch, TEXT_LEN))
+        for _ in range(repeats):
+            peaks.append(matmul_peak(1))
+            times += timed(lambda: model(image, ids, pad), 1)
+        bound = gemm_bound(cfg, batch, TEXT_LEN, repeats)
+    pair_ratios = [flops / t / 1e9 / p for t, p in zip(times, peaks)]
+    return dict(case=f"{img}/p{patch} B={batch}", tokens=(img // patch) ** 2 + 1 + TEXT_LEN, gflop=flops / 1e9,
+                median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
+                gflops=flops / min(times) / 1e9, peak=max(peaks), median_peak=statistics.median(peaks),
+                ratio_best=flops / min(times) / 1e9 / max(peaks), ratio_median=statistics.median(pair_ratios),
+                bound_ratio=bound / min(times))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default="640/32x1,640/32x8,224/16x1,224/16x8", help="IMG/PATCHxBATCH,...")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, inference_mode, "
+          f"text {TEXT_LEN} tokens ({TEXT_LEN - TEXT_REAL} padded)")
+    print("| case | tokens | GFLOP | median ms | min ms | GFLOP/s (min) | peak GFLOP/s max (median) "
+          "| % of peak, best | % of peak, median of pairs | GEMM-only / min |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec in args.cases.split(","):
+        size, rest = spec.split("/")
+        patch, batch = rest.split("x")
+        r = bench_case(int(size), int(patch), int(batch), args.repeats)
+        print(f"| {r['case']} | {r['tokens']} | {r['gflop']:.1f} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | "
+              f"{r['gflops']:.0f} | {r['peak']:.0f} ({r['median_peak']:.0f}) | {100 * r['ratio_best']:.0f}% | "
+              f"{100 * r['ratio_median']:.0f}% | {100 * r['bound_ratio']:.0f}% |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
