@@ -15,9 +15,10 @@ No ``from __future__ import annotations`` here: FastAPI reads the route function
 
 import argparse
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,9 +124,14 @@ def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
 
     limits = limits or ServeLimits()
     worker = ModelWorker(limits.queue_size, limits.timeout_s)
-    app = FastAPI(title="simvg", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="simvg", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.worker = worker
-    app.add_event_handler("shutdown", worker.shutdown)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(HTTPException)
