@@ -48,6 +48,7 @@ class TrainConfig:
 
     output_dir: str = "runs/default"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    threads: int = 0  # CPU threads per process (0: torch's default; torchrun sets 1 per process)
     seed: int = 6666
     epochs: int = 30
     batch_size: int = 32  # per process (data.num_workers loader processes each)

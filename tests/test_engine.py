@@ -1,0 +1,216 @@
+"""The training loop end to end on a tiny dataset: outputs, eval command and dump, GREC evaluation, stage-2 init,
+non-finite loss stop, plotting, and the guard against overwriting a run."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from engine_data import make_config, make_dataset, write_config
+
+from simvg.cli import main
+from simvg.config import load_config
+from simvg.data.collate import Batch
+from simvg.engine.evaluate import evaluate, gather_records, judge_batch, summarize
+from simvg.engine.plot import plot_run
+from simvg.engine.train import build_model, fit, init_weights
+from simvg.errors import UserError
+from simvg.losses import SimVGLoss
+from simvg.utils.checkpoint import load_checkpoint, model_state_from
+from simvg.utils.logging import read_metrics
+
+
+@pytest.fixture(scope="module")
+def rec_data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("rec"), "rec")
+
+
+@pytest.fixture(scope="module")
+def trained(rec_data, tmp_path_factory):
+    """One short run (2 epochs x 4 steps) shared by the tests below."""
+    cfg = make_config(rec_data, tmp_path_factory.mktemp("runs") / "run", ema=True)
+    result = fit(cfg)
+    return cfg, result
+
+
+def test_fit_writes_checkpoints_config_and_metrics(trained):
+    cfg, result = trained
+    out = cfg.train.output_dir
+    assert result["step"] == 8 and result["epoch"] == 2
+    ckpt = load_checkpoint(f"{out}/last.pth")
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["epoch_step"] == 0
+    assert ckpt["ema"]["updates"] == 8 and ckpt["config"]["train"]["ema"] is True
+    assert load_checkpoint(f"{out}/best.pth")["best_metric"] == result["best_metric"]
+    assert load_config(f"{out}/config.yaml") == cfg
+    records = read_metrics(f"{out}/metrics.jsonl")
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    # per-step warm-up: factors 1/3, 2/3, then 1; milestone 6 -> 0.1 from the 6th step (i + 1 >= 6)
+    assert [r["lr"] for r in train][:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3], rel=1e-4)
+    assert train[5]["lr"] == pytest.approx(1e-4, rel=1e-4)
+    val = [r for r in records if r["event"] == "val"]
+    assert len(val) == 2 and {"val/decoder/acc", "val/token/acc", "score"} <= set(val[0])
+
+
+def test_eval_command_matches_training_validation_and_dumps(trained, tmp_path, capsys):
+    cfg, result = trained
+    dump = tmp_path / "preds.jsonl"
+    code = main(["eval", "--checkpoint", f"{cfg.train.output_dir}/last.pth", "--split", "val", "--dump", str(dump),
+                 "--json"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["decoder/acc"] == pytest.approx(result["metrics"]["val/decoder/acc"])
+    assert metrics["token/acc"] == pytest.approx(result["metrics"]["val/token/acc"])
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(lines) == 8 and len({r["sample_id"] for r in lines}) == 8
+    first = lines[0]
+    assert {"sample_id", "image_id", "expression", "gt_boxes", "decoder", "token"} <= set(first)
+    assert len(first["decoder"]["box"]) == 4 and 0 <= first["decoder"]["iou"] <= 1
+    # boxes are in original-image pixels (64x64 scenes)
+    assert all(0 <= v <= 64 for r in lines for v in r["token"]["box"] + r["gt_boxes"][0])
+    acc = 100 * sum(r["decoder"]["iou"] >= 0.5 for r in lines) / len(lines)
+    assert acc == pytest.approx(metrics["decoder/acc"])
+
+
+def test_eval_command_single_branch_and_human_output(trained, capsys):
+    cfg, _ = trained
+    code = main(["eval", "--checkpoint", f"{cfg.train.output_dir}/last.pth", "--split", "val", "--branch", "token",
+                 "--weights", "raw"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "val: 8 expressions (REC, raw weights)" in out and "token" in out and "decoder" not in out
+
+
+def test_rerun_into_existing_output_is_refused(trained, tmp_path):
+    cfg, _ = trained
+    path = write_config(cfg, tmp_path / "cfg.yaml")
+    assert main(["train", str(path)]) == 2  # UserError: holds a run already
+
+
+def test_init_from_loads_ema_or_raw_weights(trained):
+    cfg, _ = trained
+    ckpt = f"{cfg.train.output_dir}/last.pth"
+    obj = load_checkpoint(ckpt)
+    for use_ema in (False, True):
+        model = build_model(cfg, with_weights=False)
+        init_weights(model, ckpt, use_ema)
+        expected = model_state_from(obj, use_ema=use_ema)
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_init_from_without_ema_weights_is_a_user_error(trained, tmp_path):
+    cfg, _ = trained
+    obj = load_checkpoint(f"{cfg.train.output_dir}/last.pth")
+    obj["ema"] = None
+    torch.save(obj, tmp_path / "noema.pth")
+    with pytest.raises(UserError, match="no EMA weights"):
+        init_weights(build_model(cfg, with_weights=False), str(tmp_path / "noema.pth"), use_ema=True)
+
+
+def test_plot_draws_png(trained, tmp_path):
+    cfg, _ = trained
+    out = plot_run(__import__("pathlib").Path(cfg.train.output_dir), tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_loss_stops_with_one_error_and_keeps_last_checkpoint(rec_data, tmp_path, monkeypatch, capsys):
+    cfg = make_config(rec_data, tmp_path / "run", checkpoint_every_steps=1)
+    path = write_config(cfg, tmp_path / "cfg.yaml")
+    original = SimVGLoss.forward
+    calls = {"n": 0}
+
+    def exploding(self, outputs, targets):
+        losses = original(self, outputs, targets)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(SimVGLoss, "forward", exploding)
+    assert main(["train", str(path)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "non-finite loss at epoch 0 step 3" in errors[0] and "loss_dgt=" in errors[0]
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["step"] == 2
+
+
+class FixedModel(torch.nn.Module):
+    """Returns preset outputs per call, whatever the input (for exact metric checks through ``evaluate``)."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, image, text_ids, text_pad_mask, branch="both"):
+        out = self.outputs.pop(0)
+        return {k: v for k, v in out.items() if branch in ("both", k)}
+
+
+def grec_batch(gt_per_sample, offset=0):
+    """A batch of 64x64 samples whose ground truth (xyxy pixels) is given per sample."""
+    targets = []
+    for i, gt in enumerate(gt_per_sample):
+        targets.append({
+            "size": torch.tensor([64, 64]), "orig_size": torch.tensor([64, 64]),
+            "input_to_orig": torch.tensor([1.0, 1.0, 0.0, 0.0]), "orig_boxes": torch.tensor(gt).reshape(-1, 4),
+            "image_id": offset + i, "sample_id": f"val/{offset + i}/0", "expression": "x",
+        })  # fmt: skip
+    n = len(targets)
+    return Batch(torch.zeros(n, 3, 64, 64), torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.bool),
+                 targets)  # fmt: skip
+
+
+def branch_out(boxes_xyxy_px, scores):
+    """Model outputs for given boxes [B, Q, 4] in 64-px xyxy and object probabilities [B, Q]."""
+    b = torch.tensor(boxes_xyxy_px, dtype=torch.float32) / 64
+    cxcywh = torch.stack(((b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2, b[..., 2] - b[..., 0],
+                          b[..., 3] - b[..., 1]), -1)  # fmt: skip
+    p = torch.tensor(scores, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+    logits = torch.stack((torch.log(p), torch.log1p(-p)), -1)  # softmax(...)[..., 0] == p
+    return {"pred_logits": logits, "pred_boxes": cxcywh, "aux_outputs": []}
+
+
+def test_evaluate_grec_counts_over_the_split():
+    box, other = [0, 0, 32, 32], [32, 32, 64, 64]
+    # batch 1: two target samples (correct, missed) and no no-target sample; batch 2: no-target rejected,
+    # no-target with a false alarm, and a two-target sample with an extra box.
+    b1 = grec_batch([[box], [box]])
+    o1 = branch_out([[box, other], [other, other]], [[0.9, 0.1], [0.2, 0.1]])
+    b2 = grec_batch([[], [], [box, other]], offset=2)
+    o2 = branch_out([[box, box], [box, box], [box, other]], [[0.3, 0.1], [0.8, 0.1], [0.9, 0.9]])
+    model = FixedModel([{"decoder": o1}, {"decoder": o2}])
+    dump = []
+    m = evaluate(model, [b1, b2], torch.device("cpu"), "grec", "decoder", dump=dump)
+    assert m["num_samples"] == 5
+    assert m["decoder/pr_f1"] == pytest.approx(100 * 3 / 5)  # samples 0, 2 and 4 are correct
+    assert m["decoder/n_acc"] == pytest.approx(50.0)
+    assert m["decoder/t_acc"] == pytest.approx(100 * 2 / 3)
+    assert [r["decoder"]["kept"] for r in dump] == [1, 0, 0, 1, 2]
+
+
+def test_evaluate_rec_is_per_sample_and_uses_original_pixels():
+    gt = [0, 0, 32, 32]
+    b1 = grec_batch([[gt], [gt], [gt]])
+    b2 = grec_batch([[gt]], offset=3)
+    hit, miss = [[0, 0, 32, 32], [40, 40, 60, 60]], [[40, 40, 60, 60], [0, 0, 32, 32]]
+    o1 = branch_out([hit, hit, miss], [[0.9, 0.1]] * 3)  # third: argmax query is the wrong box
+    o2 = branch_out([miss], [[0.9, 0.1]])
+    model = FixedModel([{"decoder": o1, "token": o1}, {"decoder": o2, "token": o2}])
+    m = evaluate(model, [b1, b2], torch.device("cpu"), "rec", "both")
+    assert m["decoder/acc"] == pytest.approx(50.0)  # 2 of 4 (per-batch averaging would give (66.7 + 0) / 2)
+    assert m["score"] == pytest.approx(50.0)
+
+
+def test_records_are_deduplicated_by_sample_id():
+    b = grec_batch([[[0, 0, 32, 32]]])
+    out = {"decoder": branch_out([[[0, 0, 32, 32]]], [[0.9]])}
+    records = judge_batch(out, b, "rec", {"score_threshold": 0.7, "match_threshold": 0.5, "match_metric": "giou"})
+    assert len(gather_records(records + records)) == 1
+    assert summarize(records, "rec", ["decoder"])["decoder/acc"] == 100.0
+
+
+def test_config_file_round_trip_through_yaml(trained, tmp_path):
+    cfg, _ = trained
+    path = write_config(cfg, tmp_path / "c.yaml")
+    assert yaml.safe_load(path.read_text())["train"]["ema"] is True
+    assert load_config(path) == cfg
