@@ -241,6 +241,12 @@ def _split_of(path: Path, prefix: str | None = None) -> str:
     return stem.rsplit("_", 1)[-1]
 
 
+def _new_split(splits: Splits, split: str, path: Path) -> str:
+    if split in splits:
+        raise UserError(f"{path}: split {split!r} twice in the inputs (convert one dataset at a time)")
+    return split
+
+
 def _transvg_prefix(path: Path) -> str:
     """The longest TransVG dataset prefix of a split file name (``gref_umd`` before ``gref``)."""
     for prefix in sorted(TRANSVG, key=len, reverse=True):
@@ -307,7 +313,7 @@ def convert_transvg(files: list[Path], images: str | None = None, group_train: b
     sizes: dict[str, tuple[int, int]] = {}
     for path in files:
         prefix = _transvg_prefix(path)
-        split = _split_of(path, prefix)
+        split = _new_split(splits, _split_of(path, prefix), path)
         grouped: dict[Any, dict[str, Any]] = {}
         for n, item in enumerate(_load_pth(path)):
             img, key, box, phrase = _transvg_item(item, TRANSVG[prefix][1], f"{path}: item {n}")
@@ -351,7 +357,7 @@ def convert_mdetr(files: list[Path], grec: bool = False, group_train: bool = Tru
     splits: Splits = {}
     for path in files:
         items, is_grec = _mdetr_entries(path, grec)
-        split = _split_of(path)
+        split = _new_split(splits, _split_of(path), path)
         if is_grec:
             splits[split] = _group_grec(items, group_train and split == "train")
             continue

@@ -99,20 +99,21 @@ class Resize:
         return _shift(sample, canvas, ox, oy)
 
 
-def crop_coverage(boxes: Tensor, crops: Tensor) -> Tensor:
+def crop_coverage(boxes: np.ndarray, crops: np.ndarray) -> np.ndarray:
     """Fraction of each box's area inside each crop, min over boxes: boxes [n, 4], crops [k, 4] xyxy -> [k].
 
     The overlap is clamped at 0 per axis, so a crop lying diagonally away from a box covers 0 of it (the
     official ``_bbox_overlaps`` multiplied two negative extents into a positive area, simvg.md B4a). With no
-    boxes (a no-target GREC sample) every crop has coverage 1.
+    boxes (a no-target GREC sample) every crop has coverage 1. NumPy, not torch: this runs up to 500 times per
+    sample on tiny arrays, where torch's per-call overhead dominates.
     """
     if boxes.shape[0] == 0:
-        return crops.new_ones(crops.shape[0])
-    lt = torch.max(boxes[:, None, :2], crops[None, :, :2])
-    rb = torch.min(boxes[:, None, 2:], crops[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)  # [n, k]
-    area = (boxes[:, 2:] - boxes[:, :2]).prod(-1).clamp(min=1e-12)
-    return (inter / area[:, None]).min(dim=0).values
+        return np.ones(crops.shape[0])
+    lt = np.maximum(boxes[:, None, :2], crops[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], crops[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)  # [n, k]
+    area = np.maximum((boxes[:, 2:] - boxes[:, :2]).prod(-1), 1e-12)
+    return (inter / area[:, None]).min(axis=0)
 
 
 class LargeScaleJitter:
@@ -156,16 +157,15 @@ class LargeScaleJitter:
     ) -> tuple[int, int] | None:
         """Integer top-left corner of the accepted crop, or None when no crop keeps enough of the boxes."""
         (iw, ih), (cw, ch) = image_size, crop_size
+        boxes_np = boxes.double().numpy()
         best, best_cov = None, -1.0
         for thr in self.thresholds:
             xs = rng.integers(0, iw - cw + 1, size=self.tries)
             ys = rng.integers(0, ih - ch + 1, size=self.tries)
-            crops = torch.tensor(np.stack([xs, ys, xs + cw, ys + ch], axis=1), dtype=boxes.dtype)
-            cov = crop_coverage(boxes, crops)
-            ok = torch.nonzero(cov >= thr)
+            cov = crop_coverage(boxes_np, np.stack([xs, ys, xs + cw, ys + ch], axis=1).astype(np.float64))
+            ok = np.flatnonzero(cov >= thr)
             if len(ok):
-                i = int(ok[0, 0])
-                return int(xs[i]), int(ys[i])
+                return int(xs[ok[0]]), int(ys[ok[0]])
             i = int(cov.argmax())
             if float(cov[i]) > best_cov:
                 best, best_cov = (int(xs[i]), int(ys[i])), float(cov[i])
