@@ -192,7 +192,8 @@ def predict_command(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as f, tqdm(total=_count_lines(queries), unit="query") as bar:
+        bar = tqdm(total=_count_lines(queries), unit="query", disable=None)  # disable=None: no bar unless a TTY
+        with tmp.open("w", encoding="utf-8") as f, bar:
             for batch in _batches(_read_queries(queries, images_dir, bad, args.skip_bad), args.batch_size):
                 for record in _ground_batch(grounder, batch, queries, bad, args.skip_bad):
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
