@@ -114,3 +114,31 @@ def test_predict_skip_bad_counts_and_reports(folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{2 * len(BAD_LINES)} bad lines skipped ({2 * len(BAD_LINES) - MAX_REPORTED_BAD} more not shown)" in err
     assert err.count("skipped ") == MAX_REPORTED_BAD + 1 and "q.jsonl:1: not valid JSON" in err
+
+
+def test_demo_grounds_fresh_scenes_and_writes_a_page(folder, tmp_path, capsys):
+    grec = make_model_folder(tmp_path / "grec", num_queries=10)
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--seed", "5", "--num-images", "2", "--checkpoint", str(folder)]
+    assert main(argv + ["--grec-checkpoint", str(grec)]) == 0
+    printed = capsys.readouterr().out
+    assert "REC Acc@0.5:" in printed and "GREC Pr@(F1=1, IoU>=0.5):" in printed and "N-acc" in printed
+    assert "seed 5 (repeat with --seed 5)" in printed
+    page = (out / "index.html").read_text()
+    pictures = sorted(p.relative_to(out).as_posix() for p in out.glob("*rec/*.png"))
+    assert pictures and all(f'src="{p}"' in page for p in pictures)
+    rec_rows = len(json.loads((out / "synthref_rec" / "instances.json").read_text())["val"])
+    assert printed.count("\n") > rec_rows and len(list((out / "rec").glob("*.png"))) == rec_rows
+
+
+def test_demo_without_grec_default_runs_rec_only(folder, tmp_path, capsys, monkeypatch):
+    from simvg.inference import loading
+
+    monkeypatch.setattr(loading, "DEFAULT_GREC_MODEL", tmp_path / "absent")
+    assert main(["demo", "--out", str(tmp_path / "d"), "--num-images", "1", "--checkpoint", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "REC Acc@0.5:" in printed and "GREC skipped: no GREC default model" in printed
+    assert not (tmp_path / "d" / "grec").exists()
+    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "absent")
+    assert main(["demo", "--out", str(tmp_path / "d2"), "--num-images", "1"]) == 2
+    assert "no embedded default model" in capsys.readouterr().err
