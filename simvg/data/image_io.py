@@ -45,26 +45,30 @@ def load_image(src: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, ex
         # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we enforce our own limit instead.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(stream) as image:
-                if image.width * image.height > max_pixels:
-                    raise UserError(
-                        f"{name}: image is {image.width}x{image.height} = {image.width * image.height} pixels, "
-                        f"over the limit of {max_pixels} (decompression bomb?)"
-                    )
-                image.load()
-                # exif_transpose returns a copy, so the result outlives the closed file
-                result = ImageOps.exif_transpose(image) if exif else image.copy()
+            image = Image.open(stream)
+            if image.width * image.height > max_pixels:
+                raise UserError(
+                    f"{name}: image is {image.width}x{image.height} = {image.width * image.height} pixels, "
+                    f"over the limit of {max_pixels} (decompression bomb?)"
+                )
+            image.load()
+            if exif:
+                ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError as exc:
         raise UserError(f"{name}: refusing a decompression bomb ({exc})") from None
     except UnidentifiedImageError:
         raise UserError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UserError(f"{name}: unreadable image (truncated or corrupt: {exc})") from None
-    return to_rgb(result)
+    return to_rgb(image)
 
 
-def _open_source(src: str | Path | bytes) -> tuple[str, io.BytesIO | Path]:
-    """Name used in error messages and something ``Image.open`` accepts; checks existence and emptiness."""
+def _open_source(src: str | Path | bytes) -> tuple[str, io.BytesIO]:
+    """Name used in error messages and the encoded bytes; checks existence and emptiness.
+
+    Reading the whole file first means no file handle outlives the call (Pillow keeps multi-frame files such as
+    camera MPO JPEGs open after ``load``).
+    """
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise UserError("<bytes>: empty image data (0 bytes)")
@@ -74,7 +78,10 @@ def _open_source(src: str | Path | bytes) -> tuple[str, io.BytesIO | Path]:
         raise UserError(f"{path}: image not found" if not path.exists() else f"{path}: not a file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty image file (0 bytes)")
-    return str(path), path
+    try:
+        return str(path), io.BytesIO(path.read_bytes())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
