@@ -250,3 +250,13 @@ def test_magneto_init_gain():
     attn = model.encoder.layers[0].self_attn
     ratio = (attn.v_proj.A.weight.std() / attn.q_proj.A.weight.std()).item()
     assert ratio == pytest.approx(math.sqrt(math.log(8)), rel=0.03)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    model = make_model()
+    image, ids, pad = inputs()
+    with torch.no_grad():
+        ref, _ = model(image, ids, pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = model(image, ids, pad)
+    assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.1

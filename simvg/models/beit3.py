@@ -141,8 +141,10 @@ class MultiwayAttention(nn.Module):
         """Weight [3D, D] and bias [3D] of q, k, v of expert ``"A"`` or ``"B"``, stacked in that order."""
         linears = [getattr(getattr(self, name), expert) for name in ("q_proj", "k_proj", "v_proj")]
         params = [p for lin in linears for p in (lin.weight, lin.bias)]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            # Concatenating inside the graph keeps gradients flowing to the original parameters.
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if needs_grad or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # Concatenating inside the graph keeps gradients flowing to the original parameters (and keeps
+            # tracers/compilers away from the data_ptr/_version cache key).
             return torch.cat(params[0::2]), torch.cat(params[1::2])
         # The key changes whenever a parameter is replaced (.to, load) or updated in place (optimizer, copy_).
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
