@@ -15,8 +15,10 @@ from simvg.data.datasets import (
     ShardSampler,
     build_dataset,
     build_loader,
+    dataset_task,
     set_epoch,
 )
+from simvg.data.formats import get_spec
 from simvg.errors import UserError
 
 
@@ -295,3 +297,11 @@ def test_train_with_lsj_and_flip_keeps_valid_boxes(rec_dir):
             assert (boxes[:, :2] - boxes[:, 2:] / 2 >= -1e-6).all() and (
                 boxes[:, :2] + boxes[:, 2:] / 2 <= 1 + 1e-6
             ).all()
+
+
+def test_dataset_task(tmp_path):
+    assert dataset_task(get_spec("refcoco+"), tmp_path) == "rec"
+    assert dataset_task(get_spec("grefcoco"), tmp_path) == "grec"
+    assert dataset_task(get_spec("synthref"), tmp_path) == "rec"
+    (tmp_path / "meta.json").write_text(json.dumps({"task": "grec"}))
+    assert dataset_task(get_spec("synthref"), tmp_path) == "grec"

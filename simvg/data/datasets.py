@@ -112,7 +112,8 @@ def tokenizer_path(cfg: DataConfig) -> Path:
 
 
 def dataset_task(spec: DatasetSpec, root: Path) -> str:
-    """ "rec" or "grec": a SynthRef/custom folder says so in meta.json, the published datasets in their spec."""
+    """The task, "rec" or "grec": a SynthRef/custom folder says so in meta.json (``{"task": "grec"}``; a custom
+    folder without it counts as REC), the published datasets in their spec."""
     meta = root / "meta.json"
     if spec.name in ("synthref", "custom") and meta.is_file():
         task = read_json(meta).get("task", spec.task)

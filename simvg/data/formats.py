@@ -153,7 +153,7 @@ SPECS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "cocoall", "annotations/mixed/instances.json", COCO_DIR, COCO_NAME, _MIXED_SPLITS, data_sources=("coco",)
         ),
-        DatasetSpec("synthref", "instances.json", "images", "{image_id}.png", ("train", "val", "test")),
+        DatasetSpec("synthref", "instances.json", "images", "{image_id}.png", ("train", "val", "testA", "testB")),
         DatasetSpec("custom", "instances.json", "images", "{image_id}.jpg", ("train", "val", "test")),
     )
 }
