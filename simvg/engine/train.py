@@ -198,12 +198,13 @@ def eval_loader(cfg: Config, dataset: Dataset, info: dist.DistInfo) -> DataLoade
     return make_loader(dataset, cfg.eval.batch_size, sampler, cfg.data.num_workers)
 
 
-def wrap_for_training(model: SimVG, cfg: Config, info: dist.DistInfo, branch: str) -> nn.Module:
+def wrap_for_training(model: SimVG, cfg: Config, info: dist.DistInfo) -> nn.Module:
     net: nn.Module = model
     if info.world_size > 1:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        # A branch the loss does not need (stage 1: token) has parameters without gradients.
-        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=branch != "both")
+        # Some parameters never receive gradients: BEiT-3's mask token (kept for checkpoint compatibility) and, in
+        # decoder-only stages, the token branch; DDP must be told, or it waits for them forever.
+        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=True)
     if cfg.train.compile:
         net = torch.compile(net)
     return net
@@ -229,7 +230,7 @@ def setup_run(cfg: Config, resume: bool) -> Run:
     scheduler = MultiStepLRWarmUp(optimizer, t.warmup, t.milestones, t.gamma)
     scaler = torch.amp.GradScaler(info.device.type, enabled=info.device.type == "cuda" and t.amp == "fp16")
     ema = ModelEma(model, t.ema_decay) if t.ema else None
-    net = wrap_for_training(model, cfg, info, loss_fn.required_branch)
+    net = wrap_for_training(model, cfg, info)
     writer = MetricsWriter(out_dir / "metrics.jsonl" if info.is_main else None)
     run = Run(cfg, info, out_dir, model, net, loss_fn, optimizer, scheduler, scaler, ema, task, train_loader,
               val_loaders, writer)  # fmt: skip
