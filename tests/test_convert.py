@@ -12,7 +12,7 @@ from PIL import Image
 from simvg.cli import main
 from simvg.data.convert import convert_grefcoco, convert_mdetr, convert_refer, convert_transvg, summarize
 from simvg.data.datasets import DataConfig, build_dataset
-from simvg.data.safe_pickle import safe_load
+from simvg.data.safe_pickle import fix_latin1, safe_load
 from simvg.errors import UserError
 
 
@@ -113,6 +113,10 @@ def test_safe_pickle_plain_data_and_damage(tmp_path):
     path = tmp_path / "ok.p"
     path.write_bytes(pickle.dumps(data, protocol=2))
     assert safe_load(path) == data
+    # Python 2's default protocol 0 (text), as refer's own files were written: S'...' strings, I ints
+    path.write_bytes(b"(lp0\n(dp1\nS'sent'\np2\nS'caf\\xc3\\xa9 man'\np3\nsS'ann_id'\np4\nI12\nsa.")
+    (loaded,) = safe_load(path)
+    assert loaded["ann_id"] == 12 and fix_latin1(loaded["sent"]) == "café man"
     path.write_bytes(pickle.dumps(data)[:20])
     with pytest.raises(UserError, match="not a readable pickle"):
         safe_load(path)
