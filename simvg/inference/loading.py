@@ -11,6 +11,7 @@ match the weights) is a ``UserError`` naming the file.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,10 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, A
     """(model state, config) from a ``simvg train`` checkpoint; the EMA weights when it has them."""
     from simvg.utils.checkpoint import load_checkpoint, model_state_from
 
-    obj = load_checkpoint(path)
+    with warnings.catch_warnings():
+        # A plain pickle (not torch's zip format) makes torch warn about its protocol before refusing it.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        obj = load_checkpoint(path)
     if not isinstance(obj.get("model"), dict) or not isinstance(obj.get("config"), dict):
         raise UserError(f"{path}: not a simvg checkpoint (expected 'model' and 'config' entries)")
     if not isinstance(obj["config"].get("model"), dict):

@@ -157,7 +157,8 @@ def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
             image, text, branch = await _read_form(request, limits)
             result = await worker.run(grounder.ground, image, text, branch)
         except UserError as exc:
-            return _error(400, str(exc))
+            # image_io names in-memory images "<bytes>"; here they are the upload
+            return _error(400, str(exc).replace("<bytes>", "uploaded image"))
         except QueueFull:
             return _error(503, "the server is busy; try again shortly", {"Retry-After": "1"})
         except asyncio.TimeoutError:
