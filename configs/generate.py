@@ -1,0 +1,190 @@
+"""Write every experiment YAML in ``configs/`` from the recipe table of the official release (simvg.md 4.2).
+
+The YAML files are committed and complete (no inheritance); this script only keeps them consistent. Run
+``python configs/generate.py`` after changing a recipe or a config default; ``tests/test_config.py`` fails when a
+committed file differs from what this script writes.
+
+Paths follow one convention: datasets under ``data/`` (``data.root``), BEiT-3 weights and ``beit3.spm`` under
+``pretrain_weights/``, runs under ``runs/<config name>/`` (stage 2 and fine-tuning start from the ``best.pth`` of
+the run they name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from simvg.config import Config, DataConfig, EvalConfig, ModelSection, TrainConfig, dump_config
+from simvg.losses import LossConfig
+
+HERE = Path(__file__).resolve().parent
+BEIT3 = {"b32": "pretrain_weights/beit3_base_patch16_224.pth", "l32": "pretrain_weights/beit3_large_patch16_224.pth"}
+SPM = "pretrain_weights/beit3.spm"
+REC_DATASETS = {  # file-name stem -> dataset name, validation splits (test splits for `simvg eval`)
+    "refcoco": ("refcoco", ["val"], ["testA", "testB"]),
+    "refcocoplus": ("refcoco+", ["val"], ["testA", "testB"]),
+    "refcocog_umd": ("refcocog_umd", ["val"], ["test"]),
+    "refcocog_google": ("refcocog_google", ["val"], []),
+    "referit": ("referit", ["val"], ["test"]),
+    "flickr30k": ("flickr30k", ["val"], ["test"]),
+}
+FINETUNE_TARGETS = ("refcoco", "refcocoplus", "refcocog_umd")
+MIXED_VALS = ["val_refcoco_unc", "val_refcocoplus_unc", "val_refcocog_umd"]
+
+
+def loss(dwbd: tuple[float, float] | None) -> LossConfig:
+    """Decoder on ground truth (weight 1) plus, when given, DWBD with (token, distill) weights."""
+    if dwbd is None:
+        return LossConfig(decoder=1.0, token=0.0, distill=0.0)
+    return LossConfig(decoder=1.0, token=dwbd[0], distill=dwbd[1], distill_mode="dynamic")
+
+
+def recipe(
+    name: str,
+    preset: str,
+    data: DataConfig,
+    dwbd: tuple[float, float] | None,
+    lr: float,
+    epochs: int,
+    warmup: int,
+    milestones: list[int],
+    batch: int,
+    ema: bool = False,
+    init_from: str | None = None,
+    backbone: str = "b32",
+    **train: object,
+) -> Config:
+    """One official recipe; BEiT-3 weights only when the run does not start from a simvg checkpoint."""
+    model = ModelSection(
+        preset=preset,
+        pretrained=None if init_from else BEIT3[backbone],
+        init_from=f"runs/{init_from}/best.pth" if init_from else None,
+    )
+    settings = dict(output_dir=f"runs/{name}", lr=lr, epochs=epochs, warmup=warmup, milestones=milestones,
+                    batch_size=batch, ema=ema)  # fmt: skip
+    settings.update(train)
+    return Config(model=model, data=data, loss=loss(dwbd), train=TrainConfig(**settings), eval=EvalConfig())
+
+
+def rec_data(stem: str, **kw: object) -> DataConfig:
+    dataset, vals, tests = REC_DATASETS[stem]
+    return DataConfig(dataset=dataset, tokenizer=SPM, val_splits=vals, test_splits=tests, **kw)
+
+
+def put(configs: dict[str, Config], name: str, *args: object, **kw: object) -> None:
+    configs[name] = recipe(name, *args, **kw)
+
+
+def vit_b_single() -> dict[str, Config]:
+    configs: dict[str, Config] = {}
+    for stem in REC_DATASETS:
+        small = stem in ("referit", "flickr30k")  # batch 32 and no EMA in their stage 1
+        data = rec_data(stem)
+        put(configs, f"{stem}_b32_onestage", "simvg_b32", data, (2.0, 1.0), 5e-4, 30, 3, [25], 32)
+        put(configs, f"{stem}_b32_twostage_1", "simvg_b32", data, None, 5e-4, 30, 3, [25], 32 if small else 16,
+            ema=not small)  # fmt: skip
+        put(configs, f"{stem}_b32_twostage_2", "simvg_b32", data, (2.0, 1.0), 3e-4, 20, 3, [15], 32,
+            init_from=f"{stem}_b32_twostage_1")  # fmt: skip
+    grec = DataConfig(dataset="grefcoco", tokenizer=SPM, lsj=False, val_splits=["val"], test_splits=["testA", "testB"])
+    every2 = dict(eval_every_epochs=2, eval_start_epoch=50)
+    put(configs, "grefcoco_b32_onestage", "simvg_b32_grec", grec, (2.0, 1.0), 5e-4, 200, 3, [180], 32, **every2)
+    put(configs, "grefcoco_b32_twostage_1", "simvg_b32_grec", grec, None, 5e-4, 200, 3, [180], 32, **every2)
+    put(configs, "grefcoco_b32_twostage_2", "simvg_b32_grec", grec, (2.0, 1.0), 5e-4, 100, 3, [90], 32,
+        init_from="grefcoco_b32_twostage_1", **every2)  # fmt: skip
+    return configs
+
+
+def vit_l_single() -> dict[str, Config]:
+    configs: dict[str, Config] = {}
+    for stem in REC_DATASETS:
+        dwbd = (2.0, 1.0) if stem == "referit" else (1.0, 0.4)
+        data, large = rec_data(stem), dict(backbone="l32")
+        warmup = 0 if stem == "refcocog_google" else 3
+        put(configs, f"{stem}_l32_onestage", "simvg_l32", data, dwbd, 5e-4, 30, warmup, [25], 4, **large)
+        put(configs, f"{stem}_l32_twostage_1", "simvg_l32", data, None, 5e-4, 30, 3, [21, 27], 4, **large)
+        put(configs, f"{stem}_l32_twostage_2", "simvg_l32", data, dwbd, 1e-4, 10, 0, [7], 4,
+            init_from=f"{stem}_l32_twostage_1", **large)  # fmt: skip
+    return configs
+
+
+def mixed() -> dict[str, Config]:
+    """Pre-training on the mixture / COCO-only set, then fine-tuning or two-stage distillation (all ViT-B)."""
+    # Both pre-training sets run at 640 px: the official pretrain-cocoall used 512, whose position table cannot
+    # be loaded by the 640-px fine-tuning configs (simvg.md B8).
+    configs: dict[str, Config] = {}
+    for name, dataset in (("pretrain_mixed_b32", "mixed"), ("pretrain_cocoall_b32", "cocoall")):
+        data = DataConfig(dataset=dataset, tokenizer=SPM, lsj=False, val_splits=MIXED_VALS)
+        configs[name] = recipe(name, "simvg_b32", data, None, 5e-4, 30, 3, [21, 27], 32)
+    for stem in FINETUNE_TARGETS:
+        for source, pre in (("mix", "pretrain_mixed_b32"), ("cocoall", "pretrain_cocoall_b32")):
+            lr = 2e-4 if source == "cocoall" and stem == "refcoco" else 1e-4
+            name = f"finetune_{source}_{stem}_b32"
+            configs[name] = recipe(name, "simvg_b32", rec_data(stem), None, lr, 10, 3, [8], 32, init_from=pre)
+            name = f"distill_{source}_{stem}_b32"
+            dwbd, epochs, milestones = ((2.0, 1.0), 15, [10]) if source == "mix" else ((1.0, 0.4), 20, [15])
+            configs[name] = recipe(name, "simvg_b32", rec_data(stem), dwbd, 3e-4, epochs, 3, milestones, 32,
+                                   init_from=pre)  # fmt: skip
+    return configs
+
+
+def synthref() -> dict[str, Config]:
+    """Small-model recipes that train on a 2-core CPU in minutes (datasets from ``simvg data synth``)."""
+    cpu = dict(device="auto", amp="bf16", schedule_unit="step", clip_grad_norm=0.15, log_every_steps=20)
+    rec = DataConfig(dataset="synthref", root="data/synthref_rec", image_size=128, num_workers=2)
+    grec = DataConfig(dataset="synthref", root="data/synthref_grec", image_size=128, lsj=False, num_workers=2)
+    smoke = DataConfig(dataset="synthref", root="data/synthref_smoke", image_size=64, num_workers=0)
+    return {
+        "synthref_rec": Config(
+            model=ModelSection(preset="simvg_synth_s"), data=rec, loss=loss((2.0, 1.0)),
+            train=TrainConfig(output_dir="runs/synthref_rec", epochs=12, batch_size=32, lr=1e-3, warmup=100,
+                              milestones=[900], **cpu),
+            eval=EvalConfig(batch_size=64),
+        ),
+        "synthref_grec": Config(
+            model=ModelSection(preset="simvg_synth_s_grec"), data=grec, loss=loss((2.0, 1.0)),
+            train=TrainConfig(output_dir="runs/synthref_grec", epochs=20, batch_size=32, lr=1e-3, warmup=100,
+                              milestones=[1500], **cpu),
+            eval=EvalConfig(batch_size=64),
+        ),
+        "synthref_smoke": Config(
+            model=ModelSection(preset="simvg_tiny_test", overrides={"encoder": {"vocab_size": 1000}}),
+            data=smoke, loss=loss((2.0, 1.0)),
+            train=TrainConfig(output_dir="runs/synthref_smoke", device="cpu", epochs=2, batch_size=4, lr=1e-3,
+                              warmup=2, milestones=[100], schedule_unit="step", amp="none", log_every_steps=1),
+            eval=EvalConfig(batch_size=8),
+        ),
+    }  # fmt: skip
+
+
+def all_configs() -> dict[str, Config]:
+    return {**vit_b_single(), **vit_l_single(), **mixed(), **synthref()}
+
+
+def render(name: str, cfg: Config) -> str:
+    header = (
+        f"# {name}: generated by configs/generate.py from the recipe table (simvg.md 4.2); edit the script, not\n"
+        f"# this file. Train: simvg train configs/{name}.yaml [--set key=value ...]\n"
+    )
+    return header + dump_config(cfg)
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for name, cfg in all_configs().items():
+        assert dataclasses.is_dataclass(cfg)
+        path, text = HERE / f"{name}.yaml", render(name, cfg)
+        if check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"out of date (run python configs/generate.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
