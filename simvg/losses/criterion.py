@@ -50,30 +50,34 @@ class SetCriterion(nn.Module):
         self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
         self.register_buffer("class_weight", torch.tensor([1.0, eos_coef]), persistent=False)
 
-    def loss_class(
-        self, logits: Tensor, targets: list[dict[str, Tensor]], pairs: list[tuple[Tensor, Tensor]]
-    ) -> Tensor:
-        """Weighted CE: logits [B, Q, 2]; unmatched queries are labelled "no object"."""
+    def loss_class(self, logits: Tensor, matched_labels: Tensor, image: Tensor, query: Tensor) -> Tensor:
+        """Weighted CE: logits [B, Q, 2]; queries (image[k], query[k]) get ``matched_labels[k]``, others "no object"."""
         labels = torch.full(logits.shape[:2], NO_OBJECT, dtype=torch.int64, device=logits.device)
-        for i, (q, t) in enumerate(pairs):
-            labels[i, q.to(logits.device)] = targets[i]["labels"][t.to(logits.device)].long()
+        labels[image, query] = matched_labels
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=self.class_weight)
 
-    def loss_boxes(
-        self, boxes: Tensor, targets: list[dict[str, Tensor]], pairs: list[tuple[Tensor, Tensor]], num_boxes: float
-    ) -> tuple[Tensor, Tensor]:
-        """Summed L1 and summed (1 - GIoU) over matched pairs, each divided by ``num_boxes``; boxes [B, Q, 4]."""
-        src = torch.cat([boxes[i, q.to(boxes.device)] for i, (q, _) in enumerate(pairs)]).float()
-        tgt = torch.cat([targets[i]["boxes"][t.to(boxes.device)] for i, (_, t) in enumerate(pairs)]).to(src)
+    @staticmethod
+    def loss_boxes(src: Tensor, tgt: Tensor, num_boxes: float) -> tuple[Tensor, Tensor]:
+        """Matched boxes src, tgt [M, 4] cxcywh -> (summed L1, summed 1 - GIoU), each divided by ``num_boxes``."""
         l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
         return l1, (1 - giou).sum() / num_boxes
 
-    def single(self, out: dict[str, Any], targets: list[dict[str, Tensor]], num_boxes: float) -> dict[str, Tensor]:
+    def single(self, out: dict[str, Any], flat_targets: tuple[Tensor, Tensor, Tensor], num_boxes: float,
+               targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:  # fmt: skip
         """Weighted terms of one layer's predictions (``pred_logits`` [B, Q, 2], ``pred_boxes`` [B, Q, 4])."""
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        labels, tgt_boxes, offsets = flat_targets
         pairs = self.matcher(out, targets)
-        l1, giou = self.loss_boxes(out["pred_boxes"], targets, pairs, num_boxes)
-        terms = {"loss_class": self.loss_class(out["pred_logits"], targets, pairs), "loss_bbox": l1, "loss_giou": giou}
+        image = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(pairs)]).to(boxes.device)
+        query = torch.cat([q for q, _ in pairs]).to(boxes.device)
+        target = torch.cat([t for _, t in pairs]).to(boxes.device) + offsets[image]  # index into the batch's targets
+        l1, giou = self.loss_boxes(boxes[image, query].float(), tgt_boxes[target], num_boxes)
+        terms = {
+            "loss_class": self.loss_class(logits, labels[target], image, query),
+            "loss_bbox": l1,
+            "loss_giou": giou,
+        }
         return {k: v * self.weights[k] for k, v in terms.items()}
 
     def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -83,8 +87,15 @@ class SetCriterion(nn.Module):
             outputs: one branch's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``).
             targets: B dicts with ``labels`` [n_i] (0 = object) and ``boxes`` [n_i, 4] cxcywh normalised.
         """
-        num_boxes = num_target_boxes(targets, outputs["pred_boxes"].device)
-        losses = self.single(outputs, targets, num_boxes)
+        device = outputs["pred_boxes"].device
+        num_boxes = num_target_boxes(targets, device)
+        sizes = torch.tensor([0] + [len(t["boxes"]) for t in targets[:-1]], device=device)
+        flat = (
+            torch.cat([t["labels"] for t in targets]).long().to(device),
+            torch.cat([t["boxes"] for t in targets]).float().to(device),
+            sizes.cumsum(0),
+        )
+        losses = self.single(outputs, flat, num_boxes, targets)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update({f"{k}_{i}": v for k, v in self.single(aux, targets, num_boxes).items()})
+            losses.update({f"{k}_{i}": v for k, v in self.single(aux, flat, num_boxes, targets).items()})
         return losses
