@@ -67,8 +67,10 @@ class OnnxRunner:
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # one knob (torch.set_num_threads) for both backends
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own (non-exported) exception classes for bad files
             raise UserError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
