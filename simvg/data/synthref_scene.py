@@ -163,10 +163,9 @@ def sample_objects(rng: np.random.Generator, size: int) -> tuple[list[SceneObjec
         placed = _place(rng, shape, size_name, size, owner, objects)
         if placed is None:
             continue
-        cx, cy, extent, mask, x0, y0 = placed
-        region = owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
-        objects = [_cover(o, int(np.count_nonzero(region[mask] == j))) for j, o in enumerate(objects)]
-        region[mask] = len(objects)
+        cx, cy, extent, mask, x0, y0, hidden = placed
+        objects = [_cover(o, int(h)) for o, h in zip(objects, hidden)]
+        owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] = len(objects)
         area = int(mask.sum())
         rgb = _sample_rgb(rng, colour)
         objects.append(SceneObject(shape, colour, size_name, cx, cy, extent, rgb, mask_bbox(mask, x0, y0), area, area))
@@ -182,7 +181,10 @@ def _cover(obj: SceneObject, hidden: int) -> SceneObject:
 
 
 def _place(rng: np.random.Generator, shape: str, size_name: str, size: int, owner: np.ndarray, objects: list):
-    """Try random positions until the new object (drawn on top) hides at most MAX_HIDDEN of any earlier one."""
+    """Try random positions until the new object (drawn on top) hides at most MAX_HIDDEN of any earlier one.
+
+    Returns (cx, cy, extent, mask, x0, y0, pixels it hides of each earlier object), or None.
+    """
     lo, hi = SIZES[size_name]
     for _ in range(_PLACEMENT_TRIES):
         extent = round(float(rng.uniform(lo, hi)) * size * SHAPE_SCALE[shape], 2)
@@ -193,7 +195,7 @@ def _place(rng: np.random.Generator, shape: str, size_name: str, size: int, owne
         under = owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask]
         hidden = np.bincount(under[under >= 0], minlength=len(objects)) if len(objects) else np.zeros(0)
         if all(o.visible - h >= (1.0 - MAX_HIDDEN) * o.area for o, h in zip(objects, hidden)):
-            return cx, cy, extent, mask, x0, y0
+            return cx, cy, extent, mask, x0, y0, hidden
     return None
 
 
