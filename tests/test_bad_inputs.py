@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from simvg.cli import main
+from simvg.errors import UserError
 from simvg.inference.grounder import Grounder
 from simvg.serve.app import ServeLimits, create_app
 
@@ -207,3 +208,13 @@ def test_server_answers_4xx_to_the_whole_corpus_and_keeps_serving(grounder, corp
             body = post(data).json()
             assert body["image_size"] == {"width": size[0], "height": size[1]}, name
         assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_unusable_device_and_backend_are_user_errors(folder, corpus, capsys):
+    assert main(["ground", str(corpus / "good.png"), "a", "--checkpoint", str(folder), "--device", "tpu:9"]) == 2
+    assert_one_line_error(capsys, "unknown device")
+    if not torch.cuda.is_available():
+        assert main(["ground", str(corpus / "good.png"), "a", "--checkpoint", str(folder), "--device", "cuda"]) == 2
+        assert_one_line_error(capsys, "no CUDA GPU")
+    with pytest.raises(UserError, match="backend must be"):
+        Grounder.from_checkpoint(folder, backend="tensorrt")

@@ -208,9 +208,12 @@ def _build_model(config: Any, state: dict[str, Tensor], source: Path) -> torch.n
 
 def _device(device: str | torch.device) -> torch.device:
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    return dev
 
 
 def load_bundle(path: str | Path | None, device: str | torch.device, branch: str, backend: str) -> Bundle:

@@ -208,5 +208,7 @@ def serve_command(args: argparse.Namespace) -> int:
         max_text_chars=limits.max_text_chars,
     )
     print(f"simvg serve: model {grounder.source}; open http://{args.host}:{args.port}/")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"simvg serve: warning: listening on {args.host}, reachable from other machines, with no authentication")
     uvicorn.run(create_app(grounder, limits), host=args.host, port=args.port, log_level="info")
     return 0
