@@ -98,9 +98,17 @@ def _allowed(split: str, program: Program) -> bool:
     return family_of(program) in SPLIT_FAMILIES.get(split, ("attribute", "spatial"))
 
 
+def _allowed_singles(split: str, kinds: dict[str, list[Program]]) -> dict[str, list[Program]]:
+    """Copies of the program lists whose kind the split takes (a single-target kind fixes the family)."""
+    families = SPLIT_FAMILIES.get(split, ("attribute", "spatial"))
+    return {
+        k: list(ps) for k, ps in kinds.items() if ps and ("attribute" if k == "attribute" else "spatial") in families
+    }
+
+
 def _sample_singles(pool: dict[str, list[Program]], k: int, rng: np.random.Generator) -> list[Program]:
-    """Up to k distinct programs, cycling through the kinds in random order so that every kind gets its turn."""
-    pool = {kind: list(ps) for kind, ps in pool.items() if ps}
+    """Up to k distinct programs taken out of ``pool``, cycling through the kinds in random order so that every
+    kind gets its turn."""
     picks: list[Program] = []
     while pool and len(picks) < k:
         for kind in [list(pool)[i] for i in rng.permutation(len(pool))]:
@@ -117,7 +125,7 @@ def _rec_entries(split: str, image_id: int, objects: list[SceneObject], cands: C
     per_object = TRAIN_EXPRESSIONS if split == "train" else 1
     entries = []
     for i, obj in enumerate(objects):
-        pool = {k: [p for p in ps if _allowed(split, p)] for k, ps in cands.singles[i].items()}
+        pool = _allowed_singles(split, cands.singles[i])
         texts, kinds, families = [], [], []
         for program in _sample_singles(pool, per_object, rng):
             text = render(program, rng)
@@ -146,13 +154,10 @@ def _rec_entries(split: str, image_id: int, objects: list[SceneObject], cands: C
 
 
 def _grec_pools(split: str, cands: Candidates) -> dict[str, dict]:
-    """Allowed (program, target mask) pairs as two-level trees: single -> object -> kind; multi, none -> family."""
-    pools: dict[str, dict] = {"single": {}, "multi": {}, "none": {}}
-    for i, kinds in cands.singles.items():
-        for kind, programs in kinds.items():
-            for p in programs:
-                if _allowed(split, p):
-                    pools["single"].setdefault(i, {}).setdefault(kind, []).append((p, 1 << i))
+    """Allowed programs as two-level trees: single -> object -> kind -> programs; multi, none -> family -> "" ->
+    (program, target mask) pairs."""
+    singles = {i: _allowed_singles(split, kinds) for i, kinds in cands.singles.items()}
+    pools: dict[str, dict] = {"single": {i: d for i, d in singles.items() if d}, "multi": {}, "none": {}}
     for name, items in (("multi", cands.multis), ("none", [(p, 0) for p in cands.nones])):
         for p, mask in items:
             if _allowed(split, p):
@@ -167,7 +172,8 @@ def _grec_pick(pools: dict[str, dict], rng) -> tuple[Program, int] | None:
     if not names:
         return None
     weights = np.array([GREC_MIX[k] for k in names])
-    tree = pools[names[int(rng.choice(len(names), p=weights / weights.sum()))]]
+    name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    tree = pools[name]
     k1 = sorted(tree)[int(rng.integers(len(tree)))]
     k2 = sorted(tree[k1])[int(rng.integers(len(tree[k1])))]
     items = tree[k1][k2]
@@ -176,7 +182,7 @@ def _grec_pick(pools: dict[str, dict], rng) -> tuple[Program, int] | None:
         del tree[k1][k2]
         if not tree[k1]:
             del tree[k1]
-    return item
+    return (item, 1 << k1) if name == "single" else item
 
 
 def _grec_entries(split: str, image_id: int, objects: list[SceneObject], cands: Candidates, rng, size: int) -> list:
