@@ -134,6 +134,10 @@ def test_swap_left_right_words():
         swap_left_right(text) == "the Right dog right of the RIGHTMOST cat, left-hand side, leftmost; bright leftover"
     )
     assert swap_left_right(swap_left_right(text)) == text
+    # SynthRef uses compass synonyms; "eastern"/"western" swap too, "beast" does not.
+    assert swap_left_right("the star west of the East circle, eastern beast") == (
+        "the star east of the West circle, western beast"
+    )
 
 
 def test_flip_mirrors_image_boxes_and_text():

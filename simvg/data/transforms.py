@@ -172,18 +172,19 @@ class LargeScaleJitter:
         return best if best_cov >= self.min_coverage else None
 
 
-_SIDE_WORD = re.compile(r"\b(left|right)(most|hand|side|ward|wards)?\b", re.IGNORECASE)
+_SIDE_WORD = re.compile(r"\b(left|right|west|east)(most|hand|side|ward|wards|ern)?\b", re.IGNORECASE)
+_SIDE_SWAP = {"left": "right", "right": "left", "west": "east", "east": "west"}
 
 
 def swap_left_right(text: str) -> str:
-    """Swap left <-> right (also leftmost, left-hand, lefthand, leftside, leftward...), keeping letter case.
+    """Swap left <-> right and west <-> east (also leftmost, left-hand, westward...), keeping letter case.
 
     Like MDETR's flip it is blind to sense: "all right" becomes "all left". That is why flipping is off by default.
     """
 
     def repl(m: re.Match[str]) -> str:
         word = m.group(1)
-        new = {"left": "right", "right": "left"}[word.lower()]
+        new = _SIDE_SWAP[word.lower()]
         if word.isupper():
             new = new.upper()
         elif word[0].isupper():
