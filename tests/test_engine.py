@@ -2,6 +2,7 @@
 non-finite loss stop, plotting, and the guard against overwriting a run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def test_init_from_without_ema_weights_is_a_user_error(trained, tmp_path):
 
 def test_plot_draws_png(trained, tmp_path):
     cfg, _ = trained
-    out = plot_run(__import__("pathlib").Path(cfg.train.output_dir), tmp_path / "curves.png")
+    out = plot_run(Path(cfg.train.output_dir), tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -214,3 +215,18 @@ def test_config_file_round_trip_through_yaml(trained, tmp_path):
     path = write_config(cfg, tmp_path / "c.yaml")
     assert yaml.safe_load(path.read_text())["train"]["ema"] is True
     assert load_config(path) == cfg
+
+
+def test_synthref_smoke_recipe_end_to_end(tmp_path, capsys):
+    """The committed smoke recipe on a fresh 16-image SynthRef: synth -> train -> eval -> plot, all via the CLI."""
+    root, out = tmp_path / "synth", tmp_path / "run"
+    synth = ["data", "synth", "--out", str(root), "--num-images", "16", "--image-size", "64", "--workers", "1"]
+    assert main(synth) == 0
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "synthref_smoke.yaml")
+    assert main(["train", config, "--set", f"data.root={root}", "--output", str(out)]) == 0
+    assert (out / "best.pth").is_file() and (out / "config.yaml").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "best.pth"), "--split", "testB", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["num_samples"] > 0 and 0 <= metrics["token/acc"] <= 100
+    assert main(["plot", str(out)]) == 0 and (out / "curves.png").is_file()

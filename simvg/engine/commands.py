@@ -50,6 +50,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set data.root=/data (repeatable)")  # fmt: skip
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                         help="EMA or raw weights of a checkpoint (auto: EMA when present)")  # fmt: skip
+    parser.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N expressions (0: all)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
@@ -84,10 +85,11 @@ def load_for_eval(path: Path, config: str | None, overrides: list[str], weights:
 def eval_command(args: argparse.Namespace) -> int:
     from simvg.data.datasets import build_dataset, build_tokenizer, dataset_task, resolve_paths
     from simvg.engine.evaluate import evaluate
-    from simvg.engine.train import build_model, eval_loader
+    from simvg.engine.train import build_model, check_vocab, eval_loader
     from simvg.utils.checkpoint import load_model_state
 
     cfg, state, kind = load_for_eval(Path(args.checkpoint), args.config, args.overrides, args.weights)
+    cfg.eval.max_samples = args.max_samples  # a training config may limit validation; eval reports whole splits
     info = dist.init_distributed(cfg.train.device)
     try:
         model = build_model(cfg, with_weights=False)
@@ -95,7 +97,9 @@ def eval_command(args: argparse.Namespace) -> int:
         model.to(info.device)
         spec, _, _ = resolve_paths(cfg.data)
         task = dataset_task(spec, Path(cfg.data.root))
-        dataset = build_dataset(cfg.data, args.split, False, build_tokenizer(cfg.data), seed=cfg.train.seed)
+        tokenizer = build_tokenizer(cfg.data)
+        check_vocab(cfg, tokenizer)
+        dataset = build_dataset(cfg.data, args.split, False, tokenizer, seed=cfg.train.seed)
         loader = eval_loader(cfg, dataset, info)
         e = cfg.eval
         records: list[dict[str, Any]] | None = [] if args.dump else None

@@ -178,6 +178,7 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_wo
 def build_loaders(cfg: Config, info: dist.DistInfo) -> tuple[str, DataLoader, dict[str, DataLoader]]:
     """(task, train loader, {val split: loader}); eval shards are unpadded so every sample counts once."""
     tokenizer = build_tokenizer(cfg.data)
+    check_vocab(cfg, tokenizer)
     spec, _, _ = resolve_paths(cfg.data)
     task = dataset_task(spec, Path(cfg.data.root))
     seed = cfg.train.seed
@@ -188,6 +189,16 @@ def build_loaders(cfg: Config, info: dist.DistInfo) -> tuple[str, DataLoader, di
     for split in cfg.data.val_splits:
         val_loaders[split] = eval_loader(cfg, build_dataset(cfg.data, split, False, tokenizer, seed=seed), info)
     return task, train_loader, val_loaders
+
+
+def check_vocab(cfg: Config, tokenizer: Any) -> None:
+    """The text embedding must have a row for every id the tokenizer can produce."""
+    rows = model_settings(cfg.model).encoder.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise UserError(
+            f"{tokenizer.path}: {tokenizer.vocab_size} token ids but the model's text embedding has {rows} rows; "
+            f"set model.overrides.encoder.vocab_size to at least {tokenizer.vocab_size}"
+        )
 
 
 def eval_loader(cfg: Config, dataset: Dataset, info: dist.DistInfo) -> DataLoader:
