@@ -151,3 +151,20 @@ def test_load_50_concurrent_requests_all_answered(grounder):
         assert codes.count(200) >= 4 and codes.count(503) >= 1
         assert http.get(f"{url}/healthz").json()["queue"]["pending"] == 0
         assert http.post(f"{url}/api/ground", files={"image": image}, data={"text": "a"}).status_code == 200
+
+
+def test_serve_command_builds_the_app_from_its_options(grounder, monkeypatch, capsys):
+    import uvicorn
+
+    from simvg.cli import main
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    argv = ["serve", "--checkpoint", grounder.source, "--port", "8123", "--max-text-chars", "5", "--queue-size", "2"]
+    assert main(argv) == 0
+    assert (started["host"], started["port"]) == ("127.0.0.1", 8123)
+    assert "open http://127.0.0.1:8123/" in capsys.readouterr().out
+    with TestClient(started["app"]) as client:
+        assert client.get("/healthz").json()["queue"]["size"] == 2
+        assert "limit is 5" in post(client, png(), "the red circle").json()["error"]
+    assert main(["serve", "--checkpoint", grounder.source, "--queue-size", "0"]) == 2

@@ -207,6 +207,9 @@ def serve_command(args: argparse.Namespace) -> int:
         max_pixels=limits.max_pixels,
         max_text_chars=limits.max_text_chars,
     )
+    from PIL import Image
+
+    grounder.ground(Image.new("RGB", (64, 64)), "a")  # the first forward is slow; pay it before any user does
     print(f"simvg serve: model {grounder.source}; open http://{args.host}:{args.port}/")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"simvg serve: warning: listening on {args.host}, reachable from other machines, with no authentication")
