@@ -79,7 +79,7 @@ class TrainConfig:
 class EvalConfig:
     """Validation during training and ``simvg eval`` defaults (metric definitions in ``simvg.engine.metrics``).
 
-    The validation splits are ``data.val_splits``; the first one selects ``best.pth``.
+    The validation splits are ``data.val_splits``; their mean score selects ``best.pth``.
     """
 
     batch_size: int = 64

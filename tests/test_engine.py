@@ -17,7 +17,7 @@ from simvg.engine.plot import plot_run
 from simvg.engine.train import build_model, fit, init_weights
 from simvg.errors import UserError
 from simvg.losses import SimVGLoss
-from simvg.utils.checkpoint import load_checkpoint, model_state_from
+from simvg.utils.checkpoint import export_weights, load_checkpoint, model_state_from
 from simvg.utils.logging import read_metrics
 
 
@@ -230,3 +230,15 @@ def test_synthref_smoke_recipe_end_to_end(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["num_samples"] > 0 and 0 <= metrics["token/acc"] <= 100
     assert main(["plot", str(out)]) == 0 and (out / "curves.png").is_file()
+
+
+def test_eval_of_exported_folder_matches_checkpoint(trained, tmp_path, capsys):
+    cfg, _ = trained
+    ckpt = f"{cfg.train.output_dir}/last.pth"
+    folder = tmp_path / "export"
+    export_weights(ckpt, folder)  # EMA weights, the ones "auto" evaluates in the checkpoint
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", ckpt, "--split", "val", "--json"]) == 0
+    from_ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--checkpoint", str(folder), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == from_ckpt

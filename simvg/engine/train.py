@@ -433,17 +433,20 @@ def eval_branch(run: Run) -> str:
 
 
 def validate(run: Run) -> dict[str, float]:
-    """Evaluate the (EMA, when enabled) model on every validation split; ``score`` comes from the first split."""
+    """Evaluate the (EMA, when enabled) model on every validation split.
+
+    ``score`` (what selects ``best.pth``) is the mean over splits of each split's mean over branches of the primary
+    metric (Acc@0.5 or Pr@F1=1), as the official ``det_best`` criterion.
+    """
     model = run.ema.module if run.ema is not None else run.model
     e = run.cfg.eval
     metrics: dict[str, float] = {}
-    for i, (split, loader) in enumerate(run.val_loaders.items()):
+    for split, loader in run.val_loaders.items():
         result = evaluate(model, loader, run.info.device, run.task, eval_branch(run), iou_threshold=e.iou_threshold,
                           score_threshold=e.score_threshold, match_threshold=e.match_threshold,
                           match_metric=e.match_metric, amp=run.cfg.train.amp)  # fmt: skip
         metrics.update({f"{split}/{k}": v for k, v in result.items()})
-        if i == 0:
-            metrics["score"] = result["score"]
+    metrics["score"] = sum(metrics[f"{split}/score"] for split in run.val_loaders) / len(run.val_loaders)
     shown = " ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "/num_" not in k)
     get_logger().info("validation after epoch %d: %s", run.state.epoch, shown)
     return metrics
