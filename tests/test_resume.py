@@ -10,7 +10,7 @@ import torch
 from engine_data import make_config, make_dataset, write_config
 
 from simvg.cli import main
-from simvg.engine.train import fit
+from simvg.engine.train import ResumableSampler, fit
 from simvg.utils.checkpoint import load_checkpoint
 from simvg.utils.logging import read_metrics
 
@@ -75,3 +75,23 @@ def test_resume_without_checkpoint_is_a_user_error(data, tmp_path, capsys):
     cfg = write_config(make_config(data, tmp_path / "empty"), tmp_path / "cfg.yaml")
     assert main(["train", str(cfg), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_sampler_shards_cover_the_single_process_batches_and_skip_on_resume():
+    single = ResumableSampler(10, batch_size=4, seed=3)
+    ranks = [ResumableSampler(10, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in (single, *ranks):
+        s.set_epoch(1)
+    order = list(single)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    shards = [list(r) for r in ranks]
+    # global batch k of one process == union of batch k of each rank (wrap-around pads 10 to 10: no padding here)
+    for k in range(3):
+        assert sorted(order[4 * k : 4 * k + 4]) == sorted(shards[0][2 * k : 2 * k + 2] + shards[1][2 * k : 2 * k + 2])
+    assert single.batches_per_epoch() == 3 and ranks[0].batches_per_epoch() == 3
+    single.set_epoch(1, start_batch=2)
+    assert list(single) == order[8:] and len(single) == 2
+    single.set_epoch(2)
+    assert list(single) != order  # a new permutation each epoch
+    odd = [list(ResumableSampler(5, 1, 0, rank=r, world_size=2)) for r in range(2)]
+    assert len(odd[0]) == len(odd[1]) == 3 and set(odd[0] + odd[1]) == set(range(5))  # padded by wrap-around
