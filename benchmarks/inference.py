@@ -1,10 +1,11 @@
 """Grounding latency and peak memory: token branch (TB), decoder branch (DB) and ONNX Runtime, two model sizes.
 
-Each configuration runs in its own subprocess, so its peak resident memory (``ru_maxrss``, which counts what
-torch and onnxruntime allocate outside Python, unlike tracemalloc) is its own: loading the model plus grounding.
-Latency is end to end through ``Grounder.ground``: PNG bytes of a 640x480 image in, boxes in original pixels
-out (decode, resize, tokenize, forward, post-process), median of the timed runs after warm-up, CPU threads as
-the libraries choose them.
+Peak memory: each configuration runs alone in a subprocess (load + 3 groundings), and its peak resident set
+(``VmHWM``, which counts what torch and onnxruntime allocate outside Python, unlike tracemalloc) is its own.
+Latency: one subprocess per size loads all four configurations and times them in interleaved rounds (so a busy
+shared machine slows them alike), end to end through ``Grounder.ground``: PNG bytes of a 640x480 image in, boxes
+in original pixels out (decode, resize, tokenize, forward, post-process); median and min after a warm-up.
+Threads: ``--threads`` (default 1) for torch and onnxruntime alike.
 
 Sizes: the embedded default (``simvg/assets/default`` when present, else ``simvg_synth_s`` with random weights,
 the size it is trained at) and ``simvg_b32`` (BEiT-3 base, 640 px, random weights).
@@ -68,10 +69,20 @@ def make_folder(preset: str, out: Path) -> Path:
     return out
 
 
-def worker(model: str, backend: str, branch: str, repeats: int, threads: int) -> dict:
-    """Runs in the subprocess: load, warm up, time ``repeats`` groundings; returns the numbers."""
-    import torch
+def sample_png() -> bytes:
+    """A 640x480 PNG with one red disc (the image every configuration grounds)."""
     from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 480), (200, 200, 200))
+    ImageDraw.Draw(image).ellipse((100, 100, 300, 300), fill=(220, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def memory_worker(model: str, backend: str, branch: str, threads: int) -> dict:
+    """Subprocess: load one configuration and ground 3 times; its peak RSS is the configuration's alone."""
+    import torch
 
     from simvg.inference.grounder import Grounder
 
@@ -80,25 +91,35 @@ def worker(model: str, backend: str, branch: str, repeats: int, threads: int) ->
     start = time.perf_counter()
     grounder = Grounder.from_checkpoint(model, branch=branch, backend=backend)
     load_s = time.perf_counter() - start
-    image = Image.new("RGB", (640, 480), (200, 200, 200))
-    ImageDraw.Draw(image).ellipse((100, 100, 300, 300), fill=(220, 30, 30))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    data = buffer.getvalue()
-    for _ in range(2):
+    data = sample_png()
+    for _ in range(3):
         grounder.ground(data, TEXT)
-    times = []
+    return {"peak_mb": rss_mb(), "imports_mb": imports, "load_s": load_s}
+
+
+def latency_worker(specs: list[tuple[str, str, str]], repeats: int, threads: int) -> list[dict]:
+    """Subprocess: every configuration loaded together and timed in interleaved rounds, so that the load of a
+    shared machine falls on all of them alike; returns median and min ms per configuration."""
+    import torch
+
+    from simvg.inference.grounder import Grounder
+
+    torch.set_num_threads(threads)
+    grounders = [Grounder.from_checkpoint(m, branch=br, backend=be) for m, be, br in specs]
+    data = sample_png()
+    for grounder in grounders:
+        grounder.ground(data, TEXT)
+    times: list[list[float]] = [[] for _ in grounders]
     for _ in range(repeats):
-        start = time.perf_counter()
-        grounder.ground(data, TEXT)
-        times.append(time.perf_counter() - start)
-    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times), "load_s": load_s,
-            "peak_mb": rss_mb(), "imports_mb": imports}  # fmt: skip
+        for grounder, bucket in zip(grounders, times):
+            start = time.perf_counter()
+            grounder.ground(data, TEXT)
+            bucket.append(time.perf_counter() - start)
+    return [{"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t)} for t in times]
 
 
-def run_worker(model: Path, backend: str, branch: str, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(model), backend, branch, str(repeats), str(THREADS)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+def subprocess_json(*args: str):
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -106,14 +127,18 @@ def measure_size(label: str, folder: Path, repeats: int) -> list[tuple[str, str,
     """TB, DB (PyTorch) and TB, DB (ONNX) for one model folder."""
     from simvg.export.onnx import export_onnx
 
-    rows = []
-    for branch in ("token", "decoder"):
-        rows.append((label, f"PyTorch {branch[0].upper()}B", run_worker(folder, "torch", branch, repeats)))
+    specs = [("PyTorch TB", folder, "torch", "token"), ("PyTorch DB", folder, "torch", "decoder")]
     for branch in ("token", "decoder"):
         start = time.perf_counter()
         path, diff = export_onnx(folder, branch, folder / "onnx" / f"{branch}.onnx")
         print(f"  exported {label} {branch} in {time.perf_counter() - start:.1f} s (max diff {diff:.1e})", flush=True)
-        rows.append((label, f"ONNX {branch[0].upper()}B", run_worker(path, "onnx", branch, repeats)))
+        specs.append((f"ONNX {branch[0].upper()}B", path, "onnx", branch))
+    flat = [str(x) for _, m, be, br in specs for x in (m, be, br)]
+    latency = subprocess_json("--latency", str(repeats), str(THREADS), *flat)
+    rows = []
+    for (name, model, backend, branch), lat in zip(specs, latency):
+        memory = subprocess_json("--memory", str(model), backend, branch, str(THREADS))
+        rows.append((label, name, {**lat, **memory}))
     return rows
 
 
@@ -158,8 +183,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, model, backend, branch, repeats, threads = sys.argv
-        print(json.dumps(worker(model, backend, branch, int(repeats), int(threads))))
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory":
+        print(json.dumps(memory_worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--latency":
+        rest = sys.argv[4:]
+        triples = [(rest[i], rest[i + 1], rest[i + 2]) for i in range(0, len(rest), 3)]
+        print(json.dumps(latency_worker(triples, int(sys.argv[2]), int(sys.argv[3]))))
     else:
         main()
