@@ -169,15 +169,15 @@ def tokenize(tokenizer: Any, texts: list[str]) -> tuple[Tensor, Tensor, list[dic
         for text in texts:
             pieces = tokenizer.piece_ids(text)
             room = tokenizer.max_len - 2  # <s> and </s> take two positions
-            warnings = []
+            notes = []
             if len(pieces) > room:
-                warnings.append(f"expression cut to its first {room} of {len(pieces)} pieces (the model reads "
+                notes.append(f"expression cut to its first {room} of {len(pieces)} pieces (the model reads "
                                 f"{tokenizer.max_len} tokens)")  # fmt: skip
             unknown = sum(p == UNK_ID for p in pieces)
             if unknown:
-                warnings.append(f"{unknown} of {len(pieces)} pieces are unknown to the tokenizer")
+                notes.append(f"{unknown} of {len(pieces)} pieces are unknown to the tokenizer")
             infos.append({"num_tokens": min(len(pieces), room) + 2, "truncated": len(pieces) > room,
-                          "warnings": warnings})  # fmt: skip
+                          "warnings": notes})  # fmt: skip
         ids, mask = tokenizer(list(texts))
     except (RuntimeError, UnicodeError) as exc:
         raise UserError(f"text cannot be tokenized ({str(exc).splitlines()[0][:200]})") from None
