@@ -70,6 +70,7 @@ def test_token_graph_has_no_decoder(exported):
     assert any(init.name.startswith("model.decoder.") for init in decoder.graph.initializer)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter announces its deprecation
 def test_wrong_branch_and_foreign_graph_are_user_errors(exported, tmp_path):
     with pytest.raises(UserError, match="holds the token branch"):
         Grounder.from_checkpoint(exported / "token.onnx", branch="decoder", backend="onnx")
