@@ -7,7 +7,7 @@ suffix ``_i``; the branch loss is their sum.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,15 @@ from simvg.losses.matcher import HungarianMatcher
 from simvg.utils.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
 NO_OBJECT = 1  # logits index of the "no object" class
+
+
+class FlatTargets(NamedTuple):
+    """The batch's targets concatenated once and shared by every supervised layer."""
+
+    labels: Tensor  # [T] long
+    boxes: Tensor  # [T, 4] cxcywh
+    offsets: Tensor  # [B] index of each image's first target in ``labels`` / ``boxes``
+    num_boxes: float  # normaliser of the box terms (see ``num_target_boxes``)
 
 
 def num_target_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
@@ -63,11 +72,10 @@ class SetCriterion(nn.Module):
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
         return l1, (1 - giou).sum() / num_boxes
 
-    def single(self, out: dict[str, Any], flat_targets: tuple[Tensor, Tensor, Tensor], num_boxes: float,
-               targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:  # fmt: skip
+    def single(self, out: dict[str, Any], targets: list[dict[str, Tensor]], flat: FlatTargets) -> dict[str, Tensor]:
         """Weighted terms of one layer's predictions (``pred_logits`` [B, Q, 2], ``pred_boxes`` [B, Q, 4])."""
         logits, boxes = out["pred_logits"], out["pred_boxes"]
-        labels, tgt_boxes, offsets = flat_targets
+        labels, tgt_boxes, offsets, num_boxes = flat
         pairs = self.matcher(out, targets)
         image = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(pairs)]).to(boxes.device)
         query = torch.cat([q for q, _ in pairs]).to(boxes.device)
@@ -88,14 +96,14 @@ class SetCriterion(nn.Module):
             targets: B dicts with ``labels`` [n_i] (0 = object) and ``boxes`` [n_i, 4] cxcywh normalised.
         """
         device = outputs["pred_boxes"].device
-        num_boxes = num_target_boxes(targets, device)
         sizes = torch.tensor([0] + [len(t["boxes"]) for t in targets[:-1]], device=device)
-        flat = (
+        flat = FlatTargets(
             torch.cat([t["labels"] for t in targets]).long().to(device),
             torch.cat([t["boxes"] for t in targets]).float().to(device),
             sizes.cumsum(0),
+            num_target_boxes(targets, device),
         )
-        losses = self.single(outputs, flat, num_boxes, targets)
+        losses = self.single(outputs, targets, flat)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update({f"{k}_{i}": v for k, v in self.single(aux, flat, num_boxes, targets).items()})
+            losses.update({f"{k}_{i}": v for k, v in self.single(aux, targets, flat).items()})
         return losses
