@@ -1,6 +1,7 @@
 """Forward latency of the BEiT-3 base encoder (random weights, fp32, inference_mode) against a matmul peak.
 
-Usage: python benchmarks/encoder.py [--repeats 5] [--cases 640/32x1,640/32x8,224/16x1,224/16x8] [--markdown]
+Usage: python benchmarks/encoder.py [--repeats 5] [--cases 640/32x1,640/32x8,224/16x1,224/16x8] [--threads N]
+       [--clock wall|cpu]
 
 FLOPs are counted analytically (2*M*N*K for every matmul: patch projection, q/k/v, q@k^T, attn@v, out_proj, FFN) and
 cross-checked against ``torch.utils.flop_counter.FlopCounterMode``. The peak is the throughput of
@@ -50,13 +51,16 @@ def attention_flops(cfg: BEiT3Config, batch: int, n_text: int) -> int:
     return sum(2 * c * m * k * n for c, m, k, n in matmul_shapes(cfg, batch, n_text)[-2:])
 
 
+CLOCK = time.perf_counter  # --clock cpu: process CPU time, immune to time-sharing on a busy machine (use 1 thread)
+
+
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     fn()  # warm-up (allocator, oneDNN primitive caches)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return times
 
 
@@ -127,10 +131,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default="640/32x1,640/32x8,224/16x1,224/16x8", help="IMG/PATCHxBATCH,...")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu = process CPU time (meaningful with --threads 1 on a shared machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, inference_mode, "
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, fp32, inference_mode, "
           f"text {TEXT_LEN} tokens ({TEXT_LEN - TEXT_REAL} padded)")
     print("| case | tokens | GFLOP | median ms | min ms | GFLOP/s (min) | peak GFLOP/s max (median) "
           "| % of peak, best | % of peak, median of pairs | GEMM-only / min |")
