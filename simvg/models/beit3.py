@@ -200,15 +200,21 @@ class EncoderLayer(nn.Module):
         keep = 1.0 - self.drop_path
         return torch.empty(ref.shape[0], 1, 1, device=ref.device, dtype=ref.dtype).bernoulli_(keep) / keep
 
-    def _residual(self, x: Pair, branch: Pair) -> Pair:
-        keep = self._keep(next(t for t in branch if t is not None))
-        return tuple(
-            None if a is None else (a + b if keep is None else a + b * keep) for a, b in zip(x, branch)
-        )  # type: ignore[return-value]
+    def _add_branch(self, x: Pair, branch: Pair) -> Pair:
+        """x + DropPath(branch) for both parts; torchscale drops whole samples, so one draw covers both parts."""
+        keep = self._keep(branch[0] if branch[0] is not None else branch[1])
+
+        def add(residual: Tensor | None, update: Tensor | None) -> Tensor | None:
+            if residual is None or update is None:
+                return None
+            return residual + (update if keep is None else update * keep)
+
+        return add(x[0], branch[0]), add(x[1], branch[1])
 
     def forward(self, xv: Tensor | None, xt: Tensor | None, attn_mask: Tensor | None) -> Pair:
-        x = self._residual((xv, xt), self.self_attn(*self.self_attn_layer_norm(xv, xt), attn_mask))
-        return self._residual(x, self.ffn(*self.final_layer_norm(*x)))
+        """Both parts [B, n, D] (either may be None); ``attn_mask`` as in ``MultiwayAttention.forward``."""
+        x = self._add_branch((xv, xt), self.self_attn(*self.self_attn_layer_norm(xv, xt), attn_mask))
+        return self._add_branch(x, self.ffn(*self.final_layer_norm(*x)))
 
 
 class VisionEmbedding(nn.Module):
