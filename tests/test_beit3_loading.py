@@ -127,6 +127,16 @@ def test_224_p16_checkpoint_is_resampled_to_640_p32(tmp_path):
     assert "resized encoder.embed_positions.A.weight: [199, 64] -> [403, 64]" in str(report)
 
 
+def test_half_precision_checkpoint_is_cast_after_resampling(tmp_path):
+    state = {k: v.half() for k, v in official_checkpoint(small(img_size=224, patch_size=16)).items()}
+    torch.save({"model": state}, tmp_path / "fp16.pth")
+    model = BEiT3(small(img_size=640, patch_size=32))
+    load_beit3_pretrained(model, tmp_path / "fp16.pth")
+    table = model.encoder.embed_positions.A.weight
+    assert table.dtype == torch.float32
+    assert torch.equal(table[:3], state["beit3.encoder.embed_positions.A.weight"][:3].float())
+
+
 def test_bicubic_resize_keeps_a_constant_kernel_constant(tmp_path):
     cfg16 = small(img_size=64, patch_size=16)
     state = official_checkpoint(cfg16)

@@ -414,7 +414,9 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> object:
                 f"{path}: needs full unpickling (contains {found.group(1)}); if you trust the file, "
                 "pass allow_pickle=True (CLI: --allow-pickle)"
             ) from None
-        raise UserError(f"{path}: corrupt or not a torch checkpoint ({_first_line(err)})") from None
+        raise UserError(f"{path}: corrupt or not a torch checkpoint (unpickling failed)") from None
+    except (AttributeError, ImportError) as err:  # allow_pickle: a class the file names is not importable here
+        raise UserError(f"{path}: cannot unpickle ({_first_line(err)})") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise UserError(f"{path}: corrupt or not a torch checkpoint ({_first_line(err)})") from None
 
@@ -443,18 +445,19 @@ def _state_dict_of(obj: object, path: Path) -> dict[str, tuple[str, object]]:
 
 
 def _resample_vision_positions(table: Tensor, rows: int) -> Tensor:
-    """[3 + s*s, D] -> [rows, D]: first 3 rows unchanged, the s x s patch grid resized bicubically (square grids)."""
-    head, grid = table[:_KEEP_ROWS], table[_KEEP_ROWS:].float()
+    """[3 + s*s, D] -> [rows, D] (fp32): first 3 rows unchanged, the s x s patch grid resized bicubically."""
+    head, grid = table[:_KEEP_ROWS].float(), table[_KEEP_ROWS:].float()
     old_side, new_side = math.isqrt(grid.shape[0]), math.isqrt(rows - _KEEP_ROWS)
     dim = grid.shape[1]
     grid = grid.reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(new_side * new_side, dim)
-    return torch.cat([head, grid.to(table.dtype)], dim=0)
+    return torch.cat([head, grid], dim=0)
 
 
 def _fit(key: str, value: Tensor, target: Tensor, path: Path, report: LoadReport) -> Tensor:
-    """``value`` itself, or resampled to ``target``'s shape where allowed; otherwise a UserError naming the key."""
+    """``value`` itself, or resampled (in fp32) to ``target``'s shape where allowed; otherwise a UserError naming the
+    key. ``load_state_dict`` casts to the model's dtype."""
     if value.shape == target.shape:
         report.loaded.append(key)
         return value
@@ -463,7 +466,7 @@ def _fit(key: str, value: Tensor, target: Tensor, path: Path, report: LoadReport
         resized = _resample_vision_positions(value, new[0])
     elif key == _PATCH_KERNEL_KEY and value.dim() == 4 and old[:2] == new[:2]:
         # SimVG's 16 -> 32 kernel resize: bicubic, without rescaling magnitudes (simvg.md B13).
-        resized = F.interpolate(value.float(), size=new[2:], mode="bicubic", align_corners=False).to(value.dtype)
+        resized = F.interpolate(value.float(), size=new[2:], mode="bicubic", align_corners=False)
     else:
         raise UserError(f"{path}: {key} has shape {list(old)} in the checkpoint but {list(new)} in the model")
     report.resized[key] = (old, new)
