@@ -260,3 +260,15 @@ def test_bf16_autocast_stays_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, _ = model(image, ids, pad)
     assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.1
+
+
+def test_frozen_encoder_cache_built_in_inference_mode_works_with_autograd():
+    """A frozen encoder reuses the fused weights built under inference_mode; gradients still reach the input."""
+    model = make_model().requires_grad_(False)
+    image, ids, pad = inputs()
+    with torch.inference_mode():
+        model(image, ids, pad)
+    image.requires_grad_(True)
+    x, _ = model(image, ids, pad)
+    x.sum().backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
