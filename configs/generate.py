@@ -139,9 +139,11 @@ SYNTH_DATA = {  # config name -> the command that writes its dataset
 def synthref() -> dict[str, Config]:
     """Small-model recipes for a 2-core CPU (datasets from ``SYNTH_DATA``). Schedules count optimisation steps:
     REC 2000 images -> ~8000 train objects -> 252 steps of 32 per epoch; GREC -> 1600 train images -> 50 steps."""
-    cpu = dict(device="auto", amp="bf16", schedule_unit="step", log_every_steps=20)
-    rec = DataConfig(dataset="synthref", root="data/synthref_rec", image_size=128, num_workers=2)
-    grec = DataConfig(dataset="synthref", root="data/synthref_grec", image_size=128, lsj=False, num_workers=2)
+    # One compute thread and one loader process: on a shared 2-core VM two threads per process ran 1.5-2x slower
+    # than one (benchmarks/RESULTS.md). The encoder is trained from scratch here, so it gets the full rate.
+    cpu = dict(device="auto", threads=1, amp="bf16", schedule_unit="step", encoder_lr_scale=1.0, log_every_steps=20)
+    rec = DataConfig(dataset="synthref", root="data/synthref_rec", image_size=128, num_workers=1)
+    grec = DataConfig(dataset="synthref", root="data/synthref_grec", image_size=128, lsj=False, num_workers=1)
     smoke = DataConfig(dataset="synthref", root="data/synthref_smoke", image_size=64, num_workers=0)
     return {
         "synthref_rec": Config(
