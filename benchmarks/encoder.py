@@ -1,7 +1,7 @@
 """Forward latency of the BEiT-3 base encoder (random weights, fp32, inference_mode) against a matmul peak.
 
 Usage: python benchmarks/encoder.py [--repeats 5] [--cases 640/32x1,640/32x8,224/16x1,224/16x8] [--threads N]
-       [--clock wall|cpu]
+       [--clock wall|cpu] [--ablation]
 
 FLOPs are counted analytically (2*M*N*K for every matmul: patch projection, q/k/v, q@k^T, attn@v, out_proj, FFN) and
 cross-checked against ``torch.utils.flop_counter.FlopCounterMode``. The peak is the throughput of
@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from simvg.models import beit3 as beit3_module  # noqa: E402
 from simvg.models.beit3 import BEiT3, BEiT3Config, beit3_config  # noqa: E402
 
 TEXT_LEN, TEXT_REAL = 20, 12  # SimVG's max_token; 8 padded positions as in a typical referring expression
@@ -126,6 +127,56 @@ def bench_case(img: int, patch: int, batch: int, repeats: int) -> dict:
                 bound_ratio=bound / min(times))
 
 
+def explicit_softmax_attention(q, k, v, attn_mask=None):
+    """torchscale's attention maths (bmm, masked fill, softmax, bmm), for the ablation."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def conv_patch_embedding(self, image):
+    patches = self.proj(image).flatten(2).transpose(1, 2)
+    return torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+
+
+def ablation(repeats: int) -> None:
+    """640/p32, batch 1: the shipped encoder against one change at a time, interleaved, same weights."""
+    cfg = beit3_config("base", drop_path_rate=0.0)
+    torch.manual_seed(0)
+    fast = BEiT3(cfg).eval()
+    unfused = BEiT3(beit3_config("base", drop_path_rate=0.0, fuse_qkv=False)).eval()
+    unfused.load_state_dict(fast.state_dict())
+    image, ids = torch.randn(1, 3, 640, 640), torch.randint(3, cfg.vocab_size, (1, TEXT_LEN))
+    pad = torch.arange(TEXT_LEN)[None] >= TEXT_REAL
+    sdpa, patch_forward = beit3_module.F.scaled_dot_product_attention, beit3_module.VisionEmbedding.forward
+
+    def variant(name: str) -> Callable[[], object]:
+        def run() -> object:
+            if name == "explicit softmax attention":
+                beit3_module.F.scaled_dot_product_attention = explicit_softmax_attention
+            if name == "Conv2d patch embedding":
+                beit3_module.VisionEmbedding.forward = conv_patch_embedding
+            try:
+                return (unfused if name == "separate q/k/v matmuls" else fast)(image, ids, pad)
+            finally:
+                beit3_module.F.scaled_dot_product_attention = sdpa
+                beit3_module.VisionEmbedding.forward = patch_forward
+
+        return run
+
+    names = ["shipped", "separate q/k/v matmuls", "Conv2d patch embedding", "explicit softmax attention"]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name in names:
+                times[name] += timed(variant(name), 1)
+    base = min(times["shipped"])
+    print("| variant (640/p32, B=1) | min ms | vs shipped |\n|---|---|---|")
+    for name in names:
+        print(f"| {name} | {min(times[name]) * 1e3:.0f} | {min(times[name]) / base:.3f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -133,6 +184,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu = process CPU time (meaningful with --threads 1 on a shared machine)")
+    parser.add_argument("--ablation", action="store_true", help="also time one-change variants at 640/p32, B=1")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,6 +202,8 @@ def main() -> int:
         print(f"| {r['case']} | {r['tokens']} | {r['gflop']:.1f} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | "
               f"{r['gflops']:.0f} | {r['peak']:.0f} ({r['median_peak']:.0f}) | {100 * r['ratio_best']:.0f}% | "
               f"{100 * r['ratio_median']:.0f}% | {100 * r['bound_ratio']:.0f}% |", flush=True)
+    if args.ablation:
+        ablation(args.repeats)
     return 0
 
 
