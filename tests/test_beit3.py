@@ -272,3 +272,19 @@ def test_frozen_encoder_cache_built_in_inference_mode_works_with_autograd():
     x, _ = model(image, ids, pad)
     x.sum().backward()
     assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+def test_sincos_position_init_puts_grid_sinusoids_in_the_tables():
+    enc = BEiT3(beit3_config("tiny", pos_init="sincos"))  # 64 px / patch 16 -> 4x4 grid, dim 64
+    table_v = enc.encoder.embed_positions.A.weight
+    table_t = enc.encoder.embed_positions.B.weight
+    assert torch.count_nonzero(table_v[2]) == 0  # CLS row
+    # Patch (row 0, col 1) is table row 2 + 1 + 1; its x half starts at channel 32: sin(2*pi*2/4), cos(...).
+    angle_x = 2 / (4 + 1e-6) * 2 * math.pi
+    assert torch.allclose(table_v[4, 32:34], torch.tensor([math.sin(angle_x), math.cos(angle_x)]), atol=1e-6)
+    angle_y = 1 / (4 + 1e-6) * 2 * math.pi  # first grid row: y = 1
+    assert torch.allclose(table_v[4, 0:2], torch.tensor([math.sin(angle_y), math.cos(angle_y)]), atol=1e-6)
+    # Text index 3 (table row 5), channel pair 0 has frequency 1.
+    assert torch.allclose(table_t[5, 0:2], torch.tensor([math.sin(3.0), math.cos(3.0)]), atol=1e-6)
+    with pytest.raises(UserError):
+        beit3_config("tiny", pos_init="learned")

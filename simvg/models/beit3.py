@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from simvg.errors import UserError
+from simvg.models.layers import sine_position_1d, sine_position_2d
 
 Pair = tuple[Tensor | None, Tensor | None]  # (vision part [B, Nv, D] | None, text part [B, L, D] | None)
 
@@ -59,6 +60,10 @@ class BEiT3Config:
     normalize_output: bool = True  # final multiway LayerNorm (`encoder.layer_norm.{A,B}`)
     grad_checkpointing: bool = False
     fuse_qkv: bool = True  # one matmul per expert for q, k and v
+    # Initial position tables. "trunc_normal" (BEiT's) is what pretrained weights replace anyway. "sincos" (MAE's
+    # fixed 2-D / 1-D sinusoids, still learned afterwards) is for training from scratch: at std 0.02 the random table
+    # is ~25x weaker than the patch content, so a scratch model long cannot tell where a patch is.
+    pos_init: str = "trunc_normal"
 
     def __post_init__(self) -> None:
         positive = ("embed_dim", "depth", "num_heads", "ffn_dim", "img_size", "patch_size", "in_chans", "vocab_size")
@@ -73,6 +78,10 @@ class BEiT3Config:
             raise UserError(f"beit3 config: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.max_text_positions <= POSITION_OFFSET:
             raise UserError(f"beit3 config: max_text_positions must exceed {POSITION_OFFSET}")
+        if self.pos_init not in ("trunc_normal", "sincos"):
+            raise UserError(f"beit3 config: pos_init must be 'trunc_normal' or 'sincos', got {self.pos_init!r}")
+        if self.pos_init == "sincos" and self.embed_dim % 4:
+            raise UserError(f"beit3 config: pos_init 'sincos' needs embed_dim divisible by 4, got {self.embed_dim}")
 
 
 BEIT3_PRESETS: dict[str, dict] = {
@@ -293,11 +302,22 @@ class BEiT3(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.vision_embed.cls_token, std=0.02)
+        if self.cfg.pos_init == "sincos":
+            self._init_sincos_positions()
         gain = math.sqrt(math.log(2 * self.cfg.depth))
         with torch.no_grad():
             for name, param in self.encoder.layers.named_parameters():
                 if name.endswith("weight") and any(k in name for k in ("fc1", "fc2", "out_proj", "v_proj")):
                     param.mul_(gain)
+
+    @torch.no_grad()
+    def _init_sincos_positions(self) -> None:
+        """Vision rows: CLS 0, patches a 2-D sinusoid of their grid cell; text rows: a 1-D sinusoid of the index."""
+        table_v, table_t = self.encoder.embed_positions.A.weight, self.encoder.embed_positions.B.weight
+        rows, cols = self.grid_size
+        table_v[POSITION_OFFSET].zero_()
+        table_v[POSITION_OFFSET + 1 :] = sine_position_2d(rows, cols, num_feats=self.embed_dim // 2)
+        table_t[POSITION_OFFSET:] = sine_position_1d(table_t.shape[0] - POSITION_OFFSET, self.embed_dim)
 
     def train(self, mode: bool = True) -> BEiT3:
         if mode:  # the fused q/k/v cache is only used without gradients; do not hold its memory while training
