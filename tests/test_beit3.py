@@ -288,3 +288,13 @@ def test_sincos_position_init_puts_grid_sinusoids_in_the_tables():
     assert torch.allclose(table_t[5, 0:2], torch.tensor([math.sin(3.0), math.cos(3.0)]), atol=1e-6)
     with pytest.raises(UserError):
         beit3_config("tiny", pos_init="learned")
+
+
+def test_token_embed_std_sets_the_text_embedding_scale():
+    torch.manual_seed(0)
+    wide = BEiT3(beit3_config("tiny", vocab_size=4000, token_embed_std=0.5)).text_embed.weight.std().item()
+    torch.manual_seed(0)
+    default = BEiT3(beit3_config("tiny", vocab_size=4000)).text_embed.weight.std().item()
+    assert abs(default - 0.02) < 0.002 and abs(wide - 0.5) < 0.05
+    with pytest.raises(UserError):
+        beit3_config("tiny", token_embed_std=0.0)

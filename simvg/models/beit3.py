@@ -64,6 +64,9 @@ class BEiT3Config:
     # fixed 2-D / 1-D sinusoids, still learned afterwards) is for training from scratch: at std 0.02 the random table
     # is ~25x weaker than the patch content, so a scratch model long cannot tell where a patch is.
     pos_init: str = "trunc_normal"
+    # Std of the initial text embedding. BEiT's 0.02 is fine under pretrained weights; from scratch, every sub-LN
+    # residual branch adds ~0.4 RMS per layer, so 0.02-scale word identities are drowned after the first layer.
+    token_embed_std: float = 0.02
 
     def __post_init__(self) -> None:
         positive = ("embed_dim", "depth", "num_heads", "ffn_dim", "img_size", "patch_size", "in_chans", "vocab_size")
@@ -78,6 +81,8 @@ class BEiT3Config:
             raise UserError(f"beit3 config: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.max_text_positions <= POSITION_OFFSET:
             raise UserError(f"beit3 config: max_text_positions must exceed {POSITION_OFFSET}")
+        if self.token_embed_std <= 0:
+            raise UserError(f"beit3 config: token_embed_std must be positive, got {self.token_embed_std}")
         if self.pos_init not in ("trunc_normal", "sincos"):
             raise UserError(f"beit3 config: pos_init must be 'trunc_normal' or 'sincos', got {self.pos_init!r}")
         if self.pos_init == "sincos" and self.embed_dim % 4:
@@ -302,6 +307,7 @@ class BEiT3(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.vision_embed.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.text_embed.weight, std=self.cfg.token_embed_std)
         if self.cfg.pos_init == "sincos":
             self._init_sincos_positions()
         gain = math.sqrt(math.log(2 * self.cfg.depth))
