@@ -18,7 +18,18 @@ from simvg.models.beit3 import BEiT3Config, beit3_config
 from simvg.models.simvg import SimVG, SimVGConfig, postprocess
 
 SYNTH_VOCAB = 1000
-_SYNTH_ENCODER = dict(embed_dim=192, depth=4, num_heads=3, ffn_dim=768, img_size=128, patch_size=16)
+# Trained from scratch: sinusoidal position tables and unit-scale word embeddings (beit3.py explains why; with BEiT's
+# 0.02 init the model sat on the "average box" plateau for 1000+ steps, docs/results.md).
+_SYNTH_ENCODER = dict(
+    embed_dim=192,
+    depth=4,
+    num_heads=3,
+    ffn_dim=768,
+    img_size=128,
+    patch_size=16,
+    pos_init="sincos",
+    token_embed_std=0.5,
+)
 _SYNTH_HEAD = dict(embed_dim=128, num_heads=4, tqg_ffn_dim=256, decoder_ffn_dim=512)
 
 MODEL_PRESETS: dict[str, SimVGConfig] = {
