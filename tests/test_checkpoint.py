@@ -219,3 +219,13 @@ def test_ema_decay_warmup_and_update():
     assert ema.current_decay() == pytest.approx(2 / 11)
     ema.updates = 10_000
     assert ema.current_decay() == 0.999
+
+
+def test_export_weights_copies_the_run_tokenizer(tmp_path):
+    _, _, _, _, state = trained_state(tmp_path)
+    spm = tmp_path / "tok.spm"
+    spm.write_bytes(b"sentencepiece bytes")
+    state["config"] = {**state["config"], "data": {"tokenizer": str(spm), "root": str(tmp_path)}}
+    save_checkpoint(tmp_path / "last.pth", state)
+    export_weights(tmp_path / "last.pth", tmp_path / "export")
+    assert (tmp_path / "export" / "tokenizer.spm").read_bytes() == b"sentencepiece bytes"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -233,4 +234,16 @@ def export_weights(checkpoint: str | Path, out_dir: str | Path, use_ema: bool | 
     metadata = {"format": "simvg", "version": str(FORMAT_VERSION), "weights": "ema" if ema else "raw"}
     save_file(tensors, str(weights), metadata=metadata)
     (out / "config.yaml").write_text(yaml.safe_dump(obj["config"], sort_keys=False))
+    _copy_tokenizer(obj["config"], out)
     return weights
+
+
+def _copy_tokenizer(config: dict[str, Any], out: Path) -> None:
+    """Put the run's sentencepiece model beside the weights, so the folder is complete on its own.
+
+    When the run's tokenizer is no longer on disk the folder still loads where the config's path resolves.
+    """
+    data = config.get("data", {})
+    source = Path(data.get("tokenizer") or Path(data.get("root", ".")) / "tokenizer.spm")
+    if source.is_file():
+        shutil.copyfile(source, out / "tokenizer.spm")
