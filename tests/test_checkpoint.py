@@ -229,3 +229,11 @@ def test_export_weights_copies_the_run_tokenizer(tmp_path):
     save_checkpoint(tmp_path / "last.pth", state)
     export_weights(tmp_path / "last.pth", tmp_path / "export")
     assert (tmp_path / "export" / "tokenizer.spm").read_bytes() == b"sentencepiece bytes"
+
+
+def test_export_weights_half_stores_fp16(tmp_path):
+    model, _, _, _, state = trained_state(tmp_path)
+    save_checkpoint(tmp_path / "last.pth", state)
+    tensors = load_file(str(export_weights(tmp_path / "last.pth", tmp_path / "half", use_ema=False, half=True)))
+    assert tensors["head.weight"].dtype == torch.float16
+    assert torch.equal(tensors["head.weight"], model.head.weight.detach().half())

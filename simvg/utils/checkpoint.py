@@ -211,11 +211,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
 
 
-def export_weights(checkpoint: str | Path, out_dir: str | Path, use_ema: bool | None = None) -> Path:
+def export_weights(
+    checkpoint: str | Path, out_dir: str | Path, use_ema: bool | None = None, half: bool = False
+) -> Path:
     """Write ``out_dir/model.safetensors`` + ``out_dir/config.yaml`` from a training checkpoint, for shipping.
 
     ``use_ema=None`` takes the EMA weights when the checkpoint has them (they are what validation selected).
-    Returns the path of the weights file.
+    ``half=True`` stores floating-point tensors as fp16 (half the size, for shipping in the repository); loading
+    casts them back to the model's dtype. Returns the path of the weights file.
     """
     from safetensors.torch import save_file
 
@@ -228,6 +231,8 @@ def export_weights(checkpoint: str | Path, out_dir: str | Path, use_ema: bool | 
     state = model_state_from(obj, use_ema=ema)
     # safetensors refuses shared or non-contiguous storage; a contiguous copy of each tensor is always valid.
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
