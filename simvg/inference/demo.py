@@ -49,7 +49,7 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="folder for the pictures and index.html")
     parser.add_argument("--seed", type=int, default=None, help="SynthRef seed (default: a fresh random one)")
     parser.add_argument("--num-images", type=int, default=4, help="scenes per task")
-    parser.add_argument("--image-size", type=int, default=160, help="side of the generated scenes in pixels")
+    parser.add_argument("--image-size", type=int, default=128, help="scene side (models trained on 128)")
     parser.add_argument("--checkpoint", default=None, help="REC model (default: simvg/assets/default)")
     parser.add_argument("--grec-checkpoint", default=None, help="GREC model (default: simvg/assets/default_grec)")
     parser.add_argument("--branch", choices=("token", "decoder"), default="token")
