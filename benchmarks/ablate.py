@@ -356,6 +356,13 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
             if steps:
                 ax.plot(steps, accs, style, color=f"C{i}", marker=".", label=f"{variant} {branch}")
     ax.set(xlabel="training step", ylabel="val Acc@0.5 (%)", title=f"Validation accuracy (fraction {top:g})")
+    _save_figure(fig, ax, path)
+
+
+def _save_figure(fig: Any, ax: Any, path: Path) -> None:
+    """Grid, legend (when anything was drawn), tight layout, PNG."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
@@ -380,12 +387,7 @@ def plot_fractions(results: list[dict[str, Any]], splits: list[str], path: Path)
             if points:
                 ax.plot(*zip(*points), style, color=f"C{i}", marker="o", label=f"{variant} {branch}")
     ax.set(xlabel="fraction of the train split", ylabel="test Acc@0.5 (%)", title="Data efficiency")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, ax, path)
 
 
 def write_report(results: list[dict[str, Any]], splits: list[str], report: Path, command: str) -> None:
