@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import shutil
 import struct
+import sys
 import time
 import zlib
 from collections import Counter
@@ -376,7 +377,7 @@ def synth_command(args: argparse.Namespace) -> int:
         args.seed,
         workers=args.workers,
         overwrite=args.overwrite,
-        progress=True,
+        progress=sys.stderr.isatty(),  # a bar only on a terminal: redirected logs stay one line per event
     )
     for split, c in summary["counts"].items():
         kinds = ", ".join(f"{k} {n}" for k, n in c["kinds"].items())
