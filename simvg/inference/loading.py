@@ -198,10 +198,12 @@ def _find_tokenizer(folder: Path, config: Any) -> Path:
 
 def _build_model(config: Any, state: dict[str, Tensor], source: Path) -> torch.nn.Module:
     """The model the config describes, with ``state`` loaded strictly (a mismatch is a UserError)."""
-    from simvg.models import create_model
+    from simvg.config import model_settings
+    from simvg.models import SimVG
     from simvg.utils.checkpoint import load_model_state
 
-    model = create_model(config.model.preset, **config.model.overrides)
+    # The same preset + overrides resolution as training (type-checked), so a run's config always rebuilds its model.
+    model = SimVG(model_settings(config.model))
     load_model_state(model, state, strict=True, source=str(source))
     return model
 
