@@ -65,8 +65,9 @@ def reference_forward(model: BEiT3, image, ids, pad) -> torch.Tensor:
     for i in range(cfg.depth):
         pre = f"encoder.layers.{i}."
         h = multiway(pre + "self_attn_layer_norm", ln, x)
-        q, k, v = (multiway(pre + f"self_attn.{n}_proj", lin, h).view(batch, -1, heads, hd).transpose(1, 2)
-                   for n in "qkv")
+        q, k, v = (
+            multiway(pre + f"self_attn.{n}_proj", lin, h).view(batch, -1, heads, hd).transpose(1, 2) for n in "qkv"
+        )
         scores = (q * hd**-0.5) @ k.transpose(-1, -2)
         scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
         attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, -1, cfg.embed_dim)
@@ -298,3 +299,33 @@ def test_token_embed_std_sets_the_text_embedding_scale():
     assert abs(default - 0.02) < 0.002 and abs(wide - 0.5) < 0.05
     with pytest.raises(UserError):
         beit3_config("tiny", token_embed_std=0.0)
+
+
+def test_conv_stem_keeps_the_token_grid_and_a_unit_scale_signal():
+    torch.manual_seed(0)
+    enc = BEiT3(beit3_config("tiny", stem="conv"))  # 64 px, patch 16: 3->8->16->32 at 32, 16, 8 px; 2x2 proj -> 4x4
+    stem = enc.vision_embed.stem
+    widths = [m.out_channels for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [8, 16, 32] and enc.vision_embed.proj.in_channels == 32
+    assert enc.vision_embed.proj.kernel_size == (2, 2) and enc.vision_embed.proj.stride == (2, 2)
+    tokens = enc.vision_embed(torch.randn(4, 3, 64, 64))
+    assert tokens.shape == (4, 1 + 16, 64)
+    # He init: patch tokens neither vanish nor explode (0.02 init through three convs would give ~1e-3).
+    assert 0.3 < tokens[:, 1:].std().item() < 3.0
+    # Token 1 + k is grid cell (k // 4, k % 4); the stem's receptive field is 23 px, so editing the top-right 16x16
+    # block changes that cell's token and at most its neighbours, never the CLS token or the far cells.
+    image = torch.randn(1, 3, 64, 64)
+    edited = image.clone()
+    edited[..., :16, 48:] += 1.0
+    delta = (enc.vision_embed(edited) - enc.vision_embed(image)).abs().sum(-1)[0]
+    changed = {int(i) - 1 for i in torch.nonzero(delta)}
+    assert 3 in changed and changed <= {2, 3, 6, 7}
+    x, split = enc(torch.randn(2, 3, 64, 64), torch.randint(5, 100, (2, 6)), torch.zeros(2, 6, dtype=torch.bool))
+    assert x.shape == (2, 1 + 16 + 6, 64) and split == 17
+
+
+def test_conv_stem_config_errors():
+    with pytest.raises(UserError, match="stem"):
+        beit3_config("tiny", stem="resnet")
+    with pytest.raises(UserError, match="power-of-two"):
+        beit3_config("tiny", stem="conv", patch_size=12, img_size=60)

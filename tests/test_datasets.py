@@ -305,3 +305,25 @@ def test_dataset_task(tmp_path):
     assert dataset_task(get_spec("synthref"), tmp_path) == "rec"
     (tmp_path / "meta.json").write_text(json.dumps({"task": "grec"}))
     assert dataset_task(get_spec("synthref"), tmp_path) == "grec"
+
+
+def test_train_kinds_keeps_only_those_expressions(tmp_path):
+    splits = {
+        "train": [
+            _rec(1, ["the red one", "the left one"], kind=["attribute", "position"]),
+            _rec(2, ["the third one"], kind=["ordinal"]),
+        ],
+        "val": [_rec(1, ["the left one"], kind=["position"])],
+    }
+    root = _write(tmp_path / "kinds", splits)
+    train = build_dataset(_cfg(root, train_kinds=["attribute"]), "train", True, TOK)
+    assert len(train) == 1 and train.records[0].expressions == ["the red one"] and train.stats["filtered"] == 1
+    for seed in range(4):  # the only expression left is drawn every time
+        assert (
+            build_dataset(_cfg(root, train_kinds=["attribute"]), "train", True, TOK, seed)[0][3]["kind"] == "attribute"
+        )
+    # Evaluation splits are never filtered.
+    assert len(build_dataset(_cfg(root, train_kinds=["attribute"]), "val", False, TOK)) == 1
+    _write(tmp_path / "plain", {"train": [_rec(1, ["a"])]})
+    with pytest.raises(UserError, match="train_kinds"):
+        build_dataset(_cfg(tmp_path / "plain", train_kinds=["attribute"]), "train", True, TOK)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +79,7 @@ class DataConfig:
     val_splits: list[str] = field(default_factory=lambda: ["val"])
     test_splits: list[str] = field(default_factory=list)
     data_sources: list[str] = field(default_factory=list)
+    train_kinds: list[str] = field(default_factory=list)
     skip_bad: bool = False
     num_workers: int = 2
 
@@ -147,8 +148,24 @@ def build_records(cfg: DataConfig, split: str, train: bool) -> tuple[list[Record
             stats["bad"].append(f"{where}: {exc}")
             continue
         stats["dropped_expressions"] += [f"{where}: {p}" for p in record.problems]
+        if train and cfg.train_kinds and split == cfg.train_split:
+            record = keep_kinds(record, cfg.train_kinds, where)
+            if record is None:
+                stats["filtered"] += 1
+                continue
         records.append(record)
     return records, stats
+
+
+def keep_kinds(record: Record, kinds: list[str], where: str) -> Record | None:
+    """``record`` with only the expressions of the given kinds (None if none is left)."""
+    if record.kinds is None:
+        raise UserError(f"{where}: data.train_kinds needs SynthRef's expression kinds ('kind'); this entry has none")
+    keep = [i for i, kind in enumerate(record.kinds) if kind in kinds]
+    if not keep:
+        return None
+    pick = [record.expressions[i] for i in keep], [record.boxes[i] for i in keep], [record.kinds[i] for i in keep]
+    return replace(record, expressions=pick[0], boxes=pick[1], kinds=pick[2])
 
 
 class GroundingDataset(Dataset):

@@ -67,6 +67,11 @@ class BEiT3Config:
     # Std of the initial text embedding. BEiT's 0.02 is fine under pretrained weights; from scratch, every sub-LN
     # residual branch adds ~0.4 RMS per layer, so 0.02-scale word identities are drowned after the first layer.
     token_embed_std: float = 0.02
+    # "patch": BEiT-3's Conv2d(kernel = stride = patch). "conv": for training from scratch, a stack of 3x3 stride-2
+    # convolutions before a 2x2 stride-2 ``proj`` (Xiao et al. 2021, "Early convolutions help transformers see
+    # better"): same token grid, ~20% more encoder compute at the SynthRef size, and shapes become visible to a
+    # scratch model long before a linear patch projection learns them (docs/results.md). Not loadable from BEiT-3.
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
         positive = ("embed_dim", "depth", "num_heads", "ffn_dim", "img_size", "patch_size", "in_chans", "vocab_size")
@@ -85,6 +90,10 @@ class BEiT3Config:
             raise UserError(f"beit3 config: token_embed_std must be positive, got {self.token_embed_std}")
         if self.pos_init not in ("trunc_normal", "sincos"):
             raise UserError(f"beit3 config: pos_init must be 'trunc_normal' or 'sincos', got {self.pos_init!r}")
+        if self.stem not in ("patch", "conv"):
+            raise UserError(f"beit3 config: stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):
+            raise UserError(f"beit3 config: stem 'conv' needs a power-of-two patch_size >= 4, got {self.patch_size}")
         if self.pos_init == "sincos" and self.embed_dim % 4:
             raise UserError(f"beit3 config: pos_init 'sincos' needs embed_dim divisible by 4, got {self.embed_dim}")
 
@@ -231,14 +240,31 @@ class EncoderLayer(nn.Module):
         return self._add_branch(x, self.ffn(*self.final_layer_norm(*x)))
 
 
+def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> nn.Sequential:
+    """3x3 stride-2 convolutions with GELU, halving the resolution each time, up to ``patch_size / 2``; channels
+    double up to ``embed_dim / 2`` (e.g. patch 16, 192-d: 3 -> 24 -> 48 -> 96 at 1/2, 1/4, 1/8 resolution)."""
+    num = int(math.log2(patch_size)) - 1
+    widths = [in_chans] + [max(embed_dim >> (num - i), 8) for i in range(num)]
+    layers: list[nn.Module] = []
+    for cin, cout in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(cin, cout, kernel_size=3, stride=2, padding=1), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
 class VisionEmbedding(nn.Module):
     """Patch projection (Conv2d, kernel = stride = patch) with a prepended ``cls_token``; ``mask_token`` is kept
-    only so pretraining checkpoints load (it is used by masked-image pretraining, never here)."""
+    only so pretraining checkpoints load (it is used by masked-image pretraining, never here). With ``stem="conv"``
+    a convolutional stem (``conv_stem``) runs first and ``proj`` is a 2x2 stride-2 Conv2d on its output."""
 
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.img_size, self.patch_size = cfg.img_size, cfg.patch_size
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        if cfg.stem == "conv":
+            self.stem = conv_stem(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
+            self.proj = nn.Conv2d(self.stem[-2].out_channels, cfg.embed_dim, kernel_size=2, stride=2)
+        else:
+            self.stem = None
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
 
@@ -246,6 +272,9 @@ class VisionEmbedding(nn.Module):
         """[B, C, H, W] -> [B, 1 + N, D], patches in row-major order."""
         if tuple(image.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(f"BEiT-3 expects {self.img_size}x{self.img_size} images, got {tuple(image.shape[-2:])}")
+        if self.stem is not None:
+            patches = self.proj(self.stem(image)).flatten(2).transpose(1, 2)  # [B, N, D], row-major
+            return torch.cat([self.cls_token.expand(image.shape[0], -1, -1), patches], dim=1)
         # The conv (kernel = stride) as one matmul over flattened patches: same result, and on CPU ~1.5x faster at
         # patch 32 than the convolution kernel (benchmarks/RESULTS.md).
         b, c, h, w = image.shape
@@ -306,6 +335,10 @@ class BEiT3(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if self.vision_embed.stem is not None:  # He init: at std 0.02 the signal would shrink ~10x per conv
+            for conv in self.vision_embed.stem[::2]:
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.kaiming_normal_(self.vision_embed.proj.weight, nonlinearity="linear")
         nn.init.trunc_normal_(self.vision_embed.cls_token, std=0.02)
         nn.init.trunc_normal_(self.text_embed.weight, std=self.cfg.token_embed_std)
         if self.cfg.pos_init == "sincos":
