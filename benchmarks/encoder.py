@@ -120,11 +120,19 @@ def bench_case(img: int, patch: int, batch: int, repeats: int) -> dict:
             times += timed(lambda: model(image, ids, pad), 1)
         bound = gemm_bound(cfg, batch, TEXT_LEN, repeats)
     pair_ratios = [flops / t / 1e9 / p for t, p in zip(times, peaks)]
-    return dict(case=f"{img}/p{patch} B={batch}", tokens=(img // patch) ** 2 + 1 + TEXT_LEN, gflop=flops / 1e9,
-                median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
-                gflops=flops / min(times) / 1e9, peak=max(peaks), median_peak=statistics.median(peaks),
-                ratio_best=flops / min(times) / 1e9 / max(peaks), ratio_median=statistics.median(pair_ratios),
-                bound_ratio=bound / min(times))
+    return dict(
+        case=f"{img}/p{patch} B={batch}",
+        tokens=(img // patch) ** 2 + 1 + TEXT_LEN,
+        gflop=flops / 1e9,
+        median_ms=statistics.median(times) * 1e3,
+        min_ms=min(times) * 1e3,
+        gflops=flops / min(times) / 1e9,
+        peak=max(peaks),
+        median_peak=statistics.median(peaks),
+        ratio_best=flops / min(times) / 1e9 / max(peaks),
+        ratio_median=statistics.median(pair_ratios),
+        bound_ratio=bound / min(times),
+    )
 
 
 def explicit_softmax_attention(q, k, v, attn_mask=None):
@@ -182,26 +190,37 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default="640/32x1,640/32x8,224/16x1,224/16x8", help="IMG/PATCHxBATCH,...")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu = process CPU time (meaningful with --threads 1 on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu = process CPU time (meaningful with --threads 1 on a shared machine)",
+    )
     parser.add_argument("--ablation", action="store_true", help="also time one-change variants at 640/p32, B=1")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, fp32, inference_mode, "
-          f"text {TEXT_LEN} tokens ({TEXT_LEN - TEXT_REAL} padded)")
-    print("| case | tokens | GFLOP | median ms | min ms | GFLOP/s (min) | peak GFLOP/s max (median) "
-          "| % of peak, best | % of peak, median of pairs | GEMM-only / min |")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, fp32, inference_mode, "
+        f"text {TEXT_LEN} tokens ({TEXT_LEN - TEXT_REAL} padded)"
+    )
+    print(
+        "| case | tokens | GFLOP | median ms | min ms | GFLOP/s (min) | peak GFLOP/s max (median) "
+        "| % of peak, best | % of peak, median of pairs | GEMM-only / min |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for spec in args.cases.split(","):
         size, rest = spec.split("/")
         patch, batch = rest.split("x")
         r = bench_case(int(size), int(patch), int(batch), args.repeats)
-        print(f"| {r['case']} | {r['tokens']} | {r['gflop']:.1f} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | "
-              f"{r['gflops']:.0f} | {r['peak']:.0f} ({r['median_peak']:.0f}) | {100 * r['ratio_best']:.0f}% | "
-              f"{100 * r['ratio_median']:.0f}% | {100 * r['bound_ratio']:.0f}% |", flush=True)
+        print(
+            f"| {r['case']} | {r['tokens']} | {r['gflop']:.1f} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | "
+            f"{r['gflops']:.0f} | {r['peak']:.0f} ({r['median_peak']:.0f}) | {100 * r['ratio_best']:.0f}% | "
+            f"{100 * r['ratio_median']:.0f}% | {100 * r['bound_ratio']:.0f}% |",
+            flush=True,
+        )
     if args.ablation:
         ablation(args.repeats)
     return 0

@@ -19,15 +19,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simvg.data.synthref import generate_synthref, make_image  # noqa: E402
+from simvg.data.synthref_scene import MAX_OBJECTS  # noqa: E402
 
 
 def per_core(task: str, n: int, size: int, out: Path) -> tuple[float, float]:
     """(images per CPU second, images per wall second) of make_image on train images."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    make_image((task, "train", 0, 0, size, str(out)))  # warm-up: imports, first allocations
+    make_image((task, "train", 0, 0, size, str(out), MAX_OBJECTS, "textured"))  # warm-up: imports, first allocations
     cpu, wall = time.process_time(), time.perf_counter()
     for i in range(n):
-        make_image((task, "train", i, 0, size, str(out)))
+        make_image((task, "train", i, 0, size, str(out), MAX_OBJECTS, "textured"))
     return n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
 
 

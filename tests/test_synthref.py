@@ -302,3 +302,26 @@ def test_cli_bad_arguments(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "x" / "instances.json").exists()
+
+
+def test_easier_levels_cap_objects_and_plain_background():
+    for i in range(20):
+        image, objects = draw_scene(np.random.default_rng([3, i]), 96, max_objects=3, background="plain")
+        assert 2 <= len(objects) <= 3
+        outside = np.ones(image.shape[:2], dtype=bool)
+        for o in objects:
+            x, y, w, h = o.bbox
+            outside[y : y + h, x : x + w] = False
+        assert len(np.unique(image[outside].reshape(-1, 3), axis=0)) == 1  # one flat colour around the objects
+    counts = [len(draw_scene(np.random.default_rng([3, i]), 96)[1]) for i in range(40)]
+    assert max(counts) > 4  # the standard level keeps its busier scenes
+
+
+def test_scene_options_reach_meta_and_are_checked(tmp_path, capsys):
+    meta = generate_synthref(tmp_path / "e", "rec", num_images=6, image_size=64, max_objects=3, background="plain")
+    assert meta["scene"] == {"max_objects": 3, "background": "plain"}
+    assert json.loads((tmp_path / "e" / "meta.json").read_text())["scene"]["background"] == "plain"
+    for extra, message in ((["--max-objects", "9"], "--max-objects must be between 2 and 8"),
+                           (["--background", "noise"], "invalid choice")):  # fmt: skip
+        assert main(["data", "synth", "--out", str(tmp_path / "y"), "--num-images", "4", *extra]) == 2
+        assert message in capsys.readouterr().err

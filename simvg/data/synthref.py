@@ -46,7 +46,17 @@ from simvg.data.synthref_lang import (
     family_of,
     kind_of,
 )
-from simvg.data.synthref_scene import COLOURS, MAX_HIDDEN, SHAPES, SIZES, SceneObject, draw_scene
+from simvg.data.synthref_scene import (
+    BACKGROUNDS,
+    COLOURS,
+    MAX_HIDDEN,
+    MAX_OBJECTS,
+    MIN_OBJECTS,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    draw_scene,
+)
 from simvg.data.synthref_text import render, vocabulary
 from simvg.errors import UserError
 
@@ -228,11 +238,12 @@ def _annotation(obj: SceneObject, index: int) -> dict:
     return {"bbox": list(obj.bbox), "category_id": SHAPES.index(obj.shape) + 1, "object_id": index, "area": obj.area}
 
 
-def make_image(job: tuple[str, str, int, int, int, str]) -> dict:
-    """Draw, save and describe one image; ``job`` = (task, split, image_id, seed, image_size, out_dir)."""
-    task, split, image_id, seed, size, out_dir = job
+def make_image(job: tuple[str, str, int, int, int, str, int, str]) -> dict:
+    """Draw, save and describe one image; ``job`` = (task, split, image_id, seed, image_size, out_dir,
+    max_objects, background)."""
+    task, split, image_id, seed, size, out_dir, max_objects, background = job
     rng = np.random.default_rng([seed, image_id])
-    image, objects = draw_scene(rng, size)
+    image, objects = draw_scene(rng, size, max_objects, background)
     (Path(out_dir) / "images" / f"{image_id}.png").write_bytes(encode_png(image))
     cands = enumerate_programs(Facts.from_objects(objects, size), rng, want_multi=task == "grec")
     build = _grec_entries if task == "grec" else _rec_entries
@@ -258,6 +269,13 @@ def _check_arguments(task: str, num_images: int, image_size: int, seed: int, wor
     bad = [name for name, f in splits.items() if name not in KNOWN_SPLITS or not f > 0]
     if bad or not splits:
         raise UserError(f"splits must map names from {', '.join(KNOWN_SPLITS)} to positive fractions, got {splits}")
+
+
+def _check_scene_options(max_objects: int, background: str) -> None:
+    if not MIN_OBJECTS <= max_objects <= MAX_OBJECTS:
+        raise UserError(f"--max-objects must be between {MIN_OBJECTS} and {MAX_OBJECTS}, got {max_objects}")
+    if background not in BACKGROUNDS:
+        raise UserError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
 
 
 def _prepare(out_dir: Path, overwrite: bool) -> None:
@@ -309,15 +327,22 @@ def generate_synthref(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    max_objects: int = MAX_OBJECTS,
+    background: str = "textured",
 ) -> dict:
-    """Write a SynthRef dataset to ``out_dir``; returns meta.json's content plus timing (seconds, images/s)."""
+    """Write a SynthRef dataset to ``out_dir``; returns meta.json's content plus timing (seconds, images/s).
+
+    ``max_objects`` and ``background`` make easier levels (fewer objects, a plain background); the defaults are
+    the standard level.
+    """
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     _check_arguments(task, num_images, image_size, seed, workers, splits)
+    _check_scene_options(max_objects, background)
     out_dir = Path(out_dir)
     plan = split_plan(num_images, splits)
     _prepare(out_dir, overwrite)
     start = time.perf_counter()
-    jobs = [(task, split, i, seed, image_size, str(out_dir)) for i, split in enumerate(plan)]
+    jobs = [(task, split, i, seed, image_size, str(out_dir), max_objects, background) for i, split in enumerate(plan)]
     results = _run_jobs(jobs, workers, progress)
     instances: dict[str, list[dict]] = {name: [] for name in splits}
     for r in results:
@@ -331,6 +356,7 @@ def generate_synthref(
 
     train_tokenizer(corpus, out_dir / "tokenizer.spm", TOKENIZER_VOCAB, model_type=TOKENIZER_TYPE)
     meta = _meta(task, seed, image_size, num_images, splits, _counts(instances, plan))
+    meta["scene"] = {"max_objects": max_objects, "background": background}
     _dump(out_dir / "meta.json", meta)
     seconds = time.perf_counter() - start
     return {**meta, "seconds": round(seconds, 3), "images_per_second": round(num_images / seconds, 1)}
@@ -365,6 +391,10 @@ def synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--max-objects", type=int, default=MAX_OBJECTS, help="at most this many objects per scene")
+    parser.add_argument(
+        "--background", choices=BACKGROUNDS, default="textured", help="textured (standard) or plain (easier)"
+    )
 
 
 def synth_command(args: argparse.Namespace) -> int:
@@ -377,7 +407,9 @@ def synth_command(args: argparse.Namespace) -> int:
         args.seed,
         workers=args.workers,
         overwrite=args.overwrite,
-        progress=sys.stderr.isatty(),  # a bar only on a terminal: redirected logs stay one line per event
+        progress=sys.stderr.isatty(),
+        max_objects=args.max_objects,
+        background=args.background,  # a bar only on a terminal: redirected logs stay one line per event
     )
     for split, c in summary["counts"].items():
         kinds = ", ".join(f"{k} {n}" for k, n in c["kinds"].items())

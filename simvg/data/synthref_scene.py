@@ -44,6 +44,7 @@ SHAPE_SCALE = {
 }
 MAX_HIDDEN = 0.15  # share of an object's pixels that later objects may cover
 MIN_OBJECTS, MAX_OBJECTS = 2, 8
+BACKGROUNDS = ("textured", "plain")
 _PLACEMENT_TRIES = 40
 
 
@@ -143,13 +144,15 @@ def mask_bbox(mask: np.ndarray, x0: int, y0: int) -> tuple[int, int, int, int]:
     return x0 + int(xs.min()), y0 + int(ys.min()), int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
 
 
-def sample_objects(rng: np.random.Generator, size: int) -> tuple[list[SceneObject], list[np.ndarray], list[tuple]]:
+def sample_objects(
+    rng: np.random.Generator, size: int, max_objects: int = MAX_OBJECTS
+) -> tuple[list[SceneObject], list[np.ndarray], list[tuple]]:
     """Sample and place objects; returns the objects (in drawing order), their masks and mask offsets.
 
     A scene uses only a few shapes and colours so that most objects share attributes with others: the
     expressions then need more than one word to single an object out.
     """
-    n_want = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    n_want = int(rng.integers(MIN_OBJECTS, max_objects + 1))
     shapes = rng.choice(len(SHAPES), size=int(rng.integers(2, 5)), replace=False)
     colours = rng.choice(len(COLOURS), size=int(rng.integers(2, 5)), replace=False)
     owner = np.full((size, size), -1, dtype=np.int8)  # index of the topmost object at each pixel
@@ -268,11 +271,22 @@ def paint_objects(image: np.ndarray, objects: list[SceneObject], masks: list[np.
         patch[mask] = np.clip(shade[mask][:, None] * colour[None, :], 0, 255).astype(np.uint8)
 
 
-def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[SceneObject]]:
-    """Sample and draw one scene: returns (image [S, S, 3] uint8, objects in drawing order)."""
-    image = render_background(rng, size)
+def plain_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One muted colour [S, S, 3] uint8 (the ``plain`` background of the easier SynthRef level)."""
+    return np.broadcast_to(_muted(rng).astype(np.uint8), (size, size, 3)).copy()
+
+
+def draw_scene(
+    rng: np.random.Generator, size: int, max_objects: int = MAX_OBJECTS, background: str = "textured"
+) -> tuple[np.ndarray, list[SceneObject]]:
+    """Sample and draw one scene: returns (image [S, S, 3] uint8, objects in drawing order).
+
+    ``max_objects`` (2-8) and ``background`` ("textured" or "plain") set the difficulty; the defaults are the
+    standard level, whose bytes do not change with these options.
+    """
+    image = render_background(rng, size) if background == "textured" else plain_background(rng, size)
     objects: list[SceneObject] = []
     while len(objects) < MIN_OBJECTS:  # placement can drop objects; two always fit after a retry or two
-        objects, masks, offsets = sample_objects(rng, size)
+        objects, masks, offsets = sample_objects(rng, size, max_objects)
     paint_objects(image, objects, masks, offsets)
     return image, objects
