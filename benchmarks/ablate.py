@@ -55,7 +55,10 @@ VARIANTS: dict[str, list[str]] = {
     "no_tqg": ["model.overrides.use_tqg=false"],
 }
 CURVE_VARIANTS = ("decoder_only", "token_gt_only", "onestage_dwbd", "twostage")
-DEFAULT_SYNTH = "simvg data synth --out data/synthref_rec --task rec --num-images 4000 --image-size 128 --seed 0"
+DEFAULT_SYNTH = (  # used when the config has no "# Data:" header line
+    "simvg data synth --out data/synthref_rec_easy --task rec --num-images 4000 --image-size 128 --seed 0"
+    " --max-objects 4 --background plain"
+)
 
 
 @dataclass

@@ -26,6 +26,8 @@ from simvg.errors import UserError
 from simvg.utils.box_ops import box_xywh_to_xyxy
 
 DISPLAY_SIDE = 384  # small SynthRef images are enlarged (nearest neighbour) so that labels stay readable
+# The SynthRef level the embedded default models were trained on (configs/synthref_rec.yaml's data command).
+DEFAULT_MAX_OBJECTS, DEFAULT_BACKGROUND = 4, "plain"
 
 
 @dataclasses.dataclass
@@ -53,6 +55,12 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="REC model (default: simvg/assets/default)")
     parser.add_argument("--grec-checkpoint", default=None, help="GREC model (default: simvg/assets/default_grec)")
     parser.add_argument("--branch", choices=("token", "decoder"), default="token")
+    parser.add_argument(
+        "--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="objects per scene, at most (default: as trained)"
+    )
+    parser.add_argument(
+        "--background", choices=("plain", "textured"), default=DEFAULT_BACKGROUND, help="scene background"
+    )
     parser.add_argument("--device", default="cpu")
 
 
@@ -177,7 +185,7 @@ def demo_command(args: argparse.Namespace) -> int:
         grounder = Grounder.from_checkpoint(model, device=args.device, branch=args.branch)
         data = out / f"synthref_{task}"
         generate_synthref(data, task, args.num_images, args.image_size, seed + offset, splits={"val": 1.0},
-                          overwrite=True)  # fmt: skip
+                          overwrite=True, max_objects=args.max_objects, background=args.background)  # fmt: skip
         rows += ground_split(grounder, data, task, out)
         print("\n".join(summary_lines(rows, task)) + "\n")
     for note in notes:
