@@ -129,6 +129,7 @@ def mixed() -> dict[str, Config]:
 
 
 SYNTH = "simvg data synth --out data/{} --task {} --num-images {} --image-size {} --seed 0"
+CONV = {"encoder.stem": "conv"}  # early convolutions: shapes are visible to a scratch encoder sooner (beit3.py)
 EASY = " --max-objects 4 --background plain"  # the level the embedded defaults learn within the CPU budget
 SYNTH_DATA = {  # config name -> the command that writes its dataset
     "synthref_rec": SYNTH.format("synthref_rec_easy", "rec", 4000, 128) + EASY,
@@ -166,19 +167,19 @@ def synthref() -> dict[str, Config]:
     smoke = DataConfig(dataset="synthref", root="data/synthref_smoke", image_size=64, num_workers=0)
     return {
         "synthref_rec": Config(
-            model=ModelSection(preset="simvg_synth_s"), data=rec, loss=loss((2.0, 1.0)),
+            model=ModelSection(preset="simvg_synth_s", overrides=CONV), data=rec, loss=loss((2.0, 1.0)),
             train=TrainConfig(output_dir="runs/synthref_rec", epochs=100, max_steps=2000, batch_size=32,
                               milestones=[1800], **cpu),
             eval=EvalConfig(batch_size=64, max_samples=600),
         ),
         "synthref_std_rec": Config(
-            model=ModelSection(preset="simvg_synth_s"), data=std, loss=loss((2.0, 1.0)),
+            model=ModelSection(preset="simvg_synth_s", overrides=CONV), data=std, loss=loss((2.0, 1.0)),
             train=TrainConfig(output_dir="runs/synthref_std_rec", epochs=100, max_steps=2000, batch_size=32,
                               milestones=[1800], **cpu),
             eval=EvalConfig(batch_size=64, max_samples=600),
         ),
         "synthref_grec": Config(
-            model=ModelSection(preset="simvg_synth_s_grec"), data=grec, loss=loss((2.0, 1.0)),
+            model=ModelSection(preset="simvg_synth_s_grec", overrides=CONV), data=grec, loss=loss((2.0, 1.0)),
             train=TrainConfig(output_dir="runs/synthref_grec", epochs=1000, max_steps=3000, batch_size=32,
                               milestones=[2600], eval_every_epochs=5, **cpu),
             eval=EvalConfig(batch_size=64, max_samples=600),

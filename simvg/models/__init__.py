@@ -18,10 +18,10 @@ from simvg.models.beit3 import BEiT3Config, beit3_config
 from simvg.models.simvg import SimVG, SimVGConfig, postprocess
 
 SYNTH_VOCAB = 1000
-# Trained from scratch: sinusoidal position tables, unit-scale word embeddings and a convolutional stem (beit3.py
-# explains why; with BEiT's 0.02 init the model sat on the "average box" plateau for 1000+ steps, docs/results.md).
+# Trained from scratch: sinusoidal position tables and unit-scale word embeddings (beit3.py explains why; with BEiT's
+# 0.02 init the model sat on the "average box" plateau for 1000+ steps, docs/results.md). The SynthRef recipes add
+# ``encoder.stem: conv``; presets stay fixed so that checkpoints naming them keep loading.
 _SYNTH_ENCODER = dict(
-    stem="conv",
     embed_dim=192,
     depth=4,
     num_heads=3,
