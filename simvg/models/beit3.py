@@ -69,8 +69,8 @@ class BEiT3Config:
     token_embed_std: float = 0.02
     # "patch": BEiT-3's Conv2d(kernel = stride = patch). "conv": for training from scratch, a stack of 3x3 stride-2
     # convolutions before a 2x2 stride-2 ``proj`` (Xiao et al. 2021, "Early convolutions help transformers see
-    # better"): same token grid, ~20% more encoder compute at the SynthRef size, and shapes become visible to a
-    # scratch model long before a linear patch projection learns them (docs/results.md). Not loadable from BEiT-3.
+    # better"): same token grid, ~20% more train-step time at the SynthRef size; on standard SynthRef it lowered the
+    # loss at step 1000 from 23.4 to 23.1 (benchmarks/RESULTS.md), a small gain. Not loadable from BEiT-3 weights.
     stem: str = "patch"
 
     def __post_init__(self) -> None:
