@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from simvg.data.datasets import DataConfig  # noqa: E402
+from simvg.data.image_io import load_image  # noqa: E402
 from simvg.data.tokenizer import BEiT3Tokenizer  # noqa: E402
-from simvg.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from simvg.data.transforms import Sample, build_test_transform  # noqa: E402
 from simvg.losses import LossConfig, SimVGLoss  # noqa: E402
 from simvg.models import create_model  # noqa: E402
 from simvg.utils.box_ops import box_cxcywh_to_xyxy, box_iou  # noqa: E402
@@ -52,22 +53,19 @@ class Scenes:
     """Images of a SynthRef folder as normalised tensors (cached) and their probe targets."""
 
     def __init__(self, root: Path, task: str, img_size: int, seed: int) -> None:
-        self.root, self.task, self.img_size = root, task, img_size
+        self.root, self.task = root, task
         self.scenes = json.loads((root / "scenes.json").read_text())
         self.size = json.loads((root / "meta.json").read_text())["image_size"]
         self.tokenizer = BEiT3Tokenizer(root / "tokenizer.spm", max_len=20)
         self.rng = np.random.default_rng(seed)
-        self.mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-        self.std = torch.tensor(IMAGENET_STD)[:, None, None]
+        self.transform = build_test_transform(DataConfig(image_size=img_size))  # what evaluation does
         self.cache: dict[int, torch.Tensor] = {}
 
     def image(self, i: int) -> torch.Tensor:
+        """The normalised [3, S, S] image of scene ``i`` (the test transform: stretch resize + ImageNet stats)."""
         if i not in self.cache:
-            rgb = np.array(Image.open(self.root / "images" / f"{i}.png").convert("RGB"))
-            x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
-            if x.shape[-1] != self.img_size:
-                x = torch.nn.functional.interpolate(x[None], size=self.img_size, mode="bilinear", antialias=True)[0]
-            self.cache[i] = (x - self.mean) / self.std
+            sample = Sample(load_image(self.root / "images" / f"{i}.png"), torch.zeros(0, 4), "")
+            self.cache[i] = self.transform(sample, self.rng)[0]
         return self.cache[i]
 
     def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:

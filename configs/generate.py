@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from simvg.config import Config, DataConfig, EvalConfig, ModelSection, TrainConfig, dump_config
+from simvg.data.synthref_scene import EASY_BACKGROUND, EASY_MAX_OBJECTS
 from simvg.losses import LossConfig
 
 HERE = Path(__file__).resolve().parent
@@ -130,7 +131,7 @@ def mixed() -> dict[str, Config]:
 
 SYNTH = "simvg data synth --out data/{} --task {} --num-images {} --image-size {} --seed 0"
 CONV = {"encoder.stem": "conv"}  # early convolutions: shapes are visible to a scratch encoder sooner (beit3.py)
-EASY = " --max-objects 4 --background plain"  # the level the embedded defaults learn within the CPU budget
+EASY = f" --max-objects {EASY_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # the embedded defaults' level
 SYNTH_DATA = {  # config name -> the command that writes its dataset
     "synthref_rec": SYNTH.format("synthref_rec_easy", "rec", 4000, 128) + EASY,
     "synthref_grec": SYNTH.format("synthref_grec_easy", "grec", 4000, 128).replace("--seed 0", "--seed 1") + EASY,

@@ -45,6 +45,8 @@ SHAPE_SCALE = {
 MAX_HIDDEN = 0.15  # share of an object's pixels that later objects may cover
 MIN_OBJECTS, MAX_OBJECTS = 2, 8
 BACKGROUNDS = ("textured", "plain")
+# The easy level: what the embedded default models are trained on and what ``simvg demo`` generates.
+EASY_MAX_OBJECTS, EASY_BACKGROUND = 4, "plain"
 _PLACEMENT_TRIES = 40
 
 

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from simvg.data.synthref_scene import EASY_BACKGROUND, EASY_MAX_OBJECTS
 from simvg.errors import UserError
 from simvg.utils.box_ops import box_xywh_to_xyxy
 
 DISPLAY_SIDE = 384  # small SynthRef images are enlarged (nearest neighbour) so that labels stay readable
-# The SynthRef level the embedded default models were trained on (configs/synthref_rec.yaml's data command).
-DEFAULT_MAX_OBJECTS, DEFAULT_BACKGROUND = 4, "plain"
 
 
 @dataclasses.dataclass
@@ -58,11 +57,9 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     # caught up with the decoder through DWBD (docs/results.md); --branch token shows SimVG-TB.
     parser.add_argument("--branch", choices=("token", "decoder"), default="decoder")
     parser.add_argument(
-        "--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="objects per scene, at most (default: as trained)"
+        "--max-objects", type=int, default=EASY_MAX_OBJECTS, help="objects per scene, at most (default: as trained)"
     )
-    parser.add_argument(
-        "--background", choices=("plain", "textured"), default=DEFAULT_BACKGROUND, help="scene background"
-    )
+    parser.add_argument("--background", choices=("plain", "textured"), default=EASY_BACKGROUND, help="scene background")
     parser.add_argument("--device", default="cpu")
 
 
