@@ -409,7 +409,7 @@ def write_report(results: list[dict[str, Any]], splits: list[str], report: Path,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/synthref_rec.yaml", help="base experiment config")
+    p.add_argument("--config", default="configs/synthref_rec_starter.yaml", help="base experiment config")
     p.add_argument("--data-root", help="dataset folder (default: the config's data.root; generated when missing)")
     p.add_argument("--steps", type=int, default=4000, help="optimisation steps per run (twostage: split in halves)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from simvg.config import Config, DataConfig, EvalConfig, ModelSection, TrainConfig, dump_config
-from simvg.data.synthref_scene import EASY_BACKGROUND, EASY_MAX_OBJECTS
+from simvg.data.synthref_scene import EASY_BACKGROUND, EASY_MAX_OBJECTS, STARTER_MAX_OBJECTS
 from simvg.losses import LossConfig
 
 HERE = Path(__file__).resolve().parent
@@ -132,10 +132,14 @@ def mixed() -> dict[str, Config]:
 SYNTH = "simvg data synth --out data/{} --task {} --num-images {} --image-size {} --seed 0"
 CONV = {"encoder.stem": "conv"}  # early convolutions: shapes are visible to a scratch encoder sooner (beit3.py)
 EASY = f" --max-objects {EASY_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # the embedded defaults' level
+STARTER = f" --max-objects {STARTER_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # two objects: stage 1, ablation
+STAGE1, STARTER_TOKENIZER = "runs/synthref_rec_starter", "data/synthref_rec_starter/tokenizer.spm"
 SYNTH_DATA = {  # config name -> the command that writes its dataset
     "synthref_rec": SYNTH.format("synthref_rec_easy", "rec", 4000, 128) + EASY,
     "synthref_grec": SYNTH.format("synthref_grec_easy", "grec", 4000, 128).replace("--seed 0", "--seed 1") + EASY,
     "synthref_std_rec": SYNTH.format("synthref_rec", "rec", 4000, 128),
+    "synthref_rec_starter": SYNTH.format("synthref_rec_starter", "rec", 4000, 128).replace("--seed 0", "--seed 2")
+    + STARTER,
     "synthref_smoke": SYNTH.format("synthref_smoke", "rec", 16, 64),
 }
 
@@ -165,18 +169,29 @@ def synthref() -> dict[str, Config]:
     rec = DataConfig(dataset="synthref", root="data/synthref_rec_easy", image_size=128, lsj=False, num_workers=0)
     grec = DataConfig(dataset="synthref", root="data/synthref_grec_easy", image_size=128, lsj=False, num_workers=0)
     std = dataclasses.replace(rec, root="data/synthref_rec")
+    starter = dataclasses.replace(rec, root="data/synthref_rec_starter")
     smoke = DataConfig(dataset="synthref", root="data/synthref_smoke", image_size=64, num_workers=0)
     return {
+        # The REC default is a two-stage curriculum: the starter level first (the model leaves the "average box"
+        # plateau there within ~500 steps), then the easy level from that checkpoint, with the starter's tokenizer
+        # so that word ids keep their embeddings (each SynthRef folder trains its own tokenizer).
         "synthref_rec": Config(
-            model=ModelSection(preset="simvg_synth_s", overrides=CONV), data=rec, loss=loss((2.0, 1.0)),
-            train=TrainConfig(output_dir="runs/synthref_rec", epochs=100, max_steps=2000, batch_size=32,
-                              milestones=[1800], **cpu),
+            model=ModelSection(preset="simvg_synth_s", overrides=CONV, init_from=f"{STAGE1}/last.pth"),
+            data=dataclasses.replace(rec, tokenizer=STARTER_TOKENIZER), loss=loss((2.0, 1.0)),
+            train=TrainConfig(output_dir="runs/synthref_rec", epochs=100, max_steps=2600, batch_size=32,
+                              milestones=[2300], **{**cpu, "warmup": 50, "seed": 6667}),
             eval=EvalConfig(batch_size=64, max_samples=600),
         ),
         "synthref_std_rec": Config(
             model=ModelSection(preset="simvg_synth_s", overrides=CONV), data=std, loss=loss((2.0, 1.0)),
             train=TrainConfig(output_dir="runs/synthref_std_rec", epochs=100, max_steps=2000, batch_size=32,
                               milestones=[1800], **cpu),
+            eval=EvalConfig(batch_size=64, max_samples=600),
+        ),
+        "synthref_rec_starter": Config(
+            model=ModelSection(preset="simvg_synth_s", overrides=CONV), data=starter, loss=loss((2.0, 1.0)),
+            train=TrainConfig(output_dir=STAGE1, epochs=100, max_steps=1200, batch_size=32,
+                              milestones=[], **cpu),
             eval=EvalConfig(batch_size=64, max_samples=600),
         ),
         "synthref_grec": Config(
@@ -207,6 +222,8 @@ def render(name: str, cfg: Config) -> str:
     )
     if name in SYNTH_DATA:
         header += f"# Data: {SYNTH_DATA[name]}\n"
+    if name == "synthref_rec":
+        header += "# Stage 2 of the REC default: first simvg train configs/synthref_rec_starter.yaml (and its data).\n"
     return header + dump_config(cfg)
 
 

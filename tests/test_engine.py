@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny dataset: outputs, eval command and dump, GREC evaluation, stage-2 init,
 non-finite loss stop, plotting, and the guard against overwriting a run."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,6 +108,23 @@ def test_init_from_without_ema_weights_is_a_user_error(trained, tmp_path):
     torch.save(obj, tmp_path / "noema.pth")
     with pytest.raises(UserError, match="no EMA weights"):
         init_weights(build_model(cfg, with_weights=False), str(tmp_path / "noema.pth"), use_ema=True)
+
+
+def test_init_from_warns_when_the_run_reads_another_tokenizer(trained, tmp_path, caplog):
+    cfg, _ = trained
+    ckpt = f"{cfg.train.output_dir}/last.pth"
+    theirs = Path(cfg.data.root) / "tokenizer.spm"
+    same, other = tmp_path / "same.spm", tmp_path / "other.spm"
+    same.write_bytes(theirs.read_bytes())
+    other.write_bytes(theirs.read_bytes() + b"x")
+    for path, warned in ((same, False), (other, True)):
+        caplog.clear()
+        data = dataclasses.replace(cfg.data, tokenizer=str(path))
+        init_weights(build_model(cfg, with_weights=False), ckpt, use_ema=False, data=data)
+        warnings = [r.getMessage() for r in caplog.records if "tokenizer" in r.getMessage()]
+        assert bool(warnings) is warned
+        if warned:
+            assert str(theirs) in warnings[0] and str(other) in warnings[0]
 
 
 def test_plot_draws_png(trained, tmp_path):

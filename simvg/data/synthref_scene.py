@@ -47,6 +47,9 @@ MIN_OBJECTS, MAX_OBJECTS = 2, 8
 BACKGROUNDS = ("textured", "plain")
 # The easy level: what the embedded default models are trained on and what ``simvg demo`` generates.
 EASY_MAX_OBJECTS, EASY_BACKGROUND = 4, "plain"
+# The starter level (two objects, plain background): where a scratch model leaves the "average box" plateau within
+# a few hundred steps; the first stage of the REC recipe and the level of the ablation (docs/results.md).
+STARTER_MAX_OBJECTS = 2
 _PLACEMENT_TRIES = 40
 
 

@@ -27,7 +27,15 @@ from tqdm import tqdm
 
 from simvg.config import Config, model_settings, save_config, to_dict
 from simvg.data.collate import collate
-from simvg.data.datasets import ShardSampler, build_dataset, build_tokenizer, dataset_task, resolve_paths
+from simvg.data.datasets import (
+    DataConfig,
+    ShardSampler,
+    build_dataset,
+    build_tokenizer,
+    dataset_task,
+    resolve_paths,
+    tokenizer_path,
+)
 from simvg.engine.ema import ModelEma
 from simvg.engine.evaluate import autocast, evaluate
 from simvg.engine.optim import MultiStepLRWarmUp, build_optimizer
@@ -141,13 +149,38 @@ def build_model(cfg: Config, with_weights: bool = True) -> SimVG:
             load_beit3_pretrained(model.encoder, cfg.model.pretrained),
         )
     if cfg.model.init_from:
-        init_weights(model, cfg.model.init_from, cfg.model.init_use_ema)
+        init_weights(model, cfg.model.init_from, cfg.model.init_use_ema, cfg.data)
     return model
 
 
-def init_weights(model: nn.Module, path: str, use_ema: bool) -> None:
-    """Stage 2 / fine-tuning start: a checked partial load of a whole-model checkpoint (missing keys reported)."""
+def tokenizer_mismatch(obj: dict[str, Any], data: DataConfig) -> str | None:
+    """The tokenizer the checkpoint's run read, when it is a file here that differs from ``data``'s, else None.
+
+    Every SynthRef folder trains its own tokenizer, so a stage that moves to another folder must keep the first
+    stage's (``data.tokenizer``); otherwise word ids change and the learned text embeddings mean nothing.
+    """
+    source = (obj.get("config") or {}).get("data")
+    if not isinstance(source, dict) or "root" not in source:
+        return None
+    theirs = tokenizer_path(DataConfig(root=source["root"], tokenizer=source.get("tokenizer") or ""))
+    ours = tokenizer_path(data)
+    if not (theirs.is_file() and ours.is_file()) or theirs.resolve() == ours.resolve():
+        return None
+    return None if theirs.read_bytes() == ours.read_bytes() else str(theirs)
+
+
+def init_weights(model: nn.Module, path: str, use_ema: bool, data: DataConfig | None = None) -> None:
+    """Stage 2 / fine-tuning start: a checked partial load of a whole-model checkpoint (missing keys reported).
+
+    With ``data``, a warning names the checkpoint's tokenizer when this run reads a different one.
+    """
     obj = load_checkpoint(path)
+    other = tokenizer_mismatch(obj, data) if data is not None else None
+    if other:
+        get_logger().warning(
+            "init_from %s was trained with tokenizer %s, this run reads %s (other word ids): set data.tokenizer=%s",
+            path, other, tokenizer_path(data), other,
+        )  # fmt: skip
     if use_ema and not obj.get("ema"):
         raise UserError(f"{path}: model.init_use_ema is set but the checkpoint holds no EMA weights")
     state = model_state_from(obj, use_ema=use_ema)
