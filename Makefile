@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint setup clean
+.PHONY: test demo lint setup clean default-rec
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/simvg demo
+
+# The embedded REC default's recipe (docs/results.md): data, then the starter stage, then the easy stage (~45 min on
+# one core). Ship it: simvg export weights --checkpoint runs/synthref_rec/last.pth --out simvg/assets/default --half
+default-rec: $(STAMP)
+	$(BIN)/simvg data synth --out data/synthref_rec_starter --task rec --num-images 4000 --image-size 128 --seed 2 \
+		--max-objects 2 --background plain
+	$(BIN)/simvg data synth --out data/synthref_rec_easy --task rec --num-images 4000 --image-size 128 --seed 0 \
+		--max-objects 4 --background plain
+	$(BIN)/simvg train configs/synthref_rec_starter.yaml
+	$(BIN)/simvg train configs/synthref_rec.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,6 +29,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("demo",): ("simvg.inference.demo", "demo", "ground fresh SynthRef scenes with the embedded default model"),
     ("serve",): ("simvg.serve.app", "serve", "serve a web page and a JSON API on 127.0.0.1"),
     ("export", "onnx"): ("simvg.export.onnx", "export", "export a branch of a checkpoint to ONNX"),
+    ("export", "weights"): ("simvg.export.weights", "export", "write a training checkpoint as a model folder"),
 }
 
 

@@ -169,13 +169,17 @@ def test_rng_state_round_trip():
 
 def test_export_weights_writes_safetensors_and_config(tmp_path):
     model, opt, sched, ema, state = trained_state(tmp_path)
+    state["config"]["model"] = {"preset": "x", "pretrained": "beit3.pth", "init_from": "runs/stage1/last.pth"}
     save_checkpoint(tmp_path / "last.pth", state)
     weights = export_weights(tmp_path / "last.pth", tmp_path / "export")
     tensors = load_file(str(weights))
     assert torch.equal(tensors["head.weight"], ema.module.head.weight)  # EMA is the default when present
     raw = export_weights(tmp_path / "last.pth", tmp_path / "raw", use_ema=False)
     assert torch.equal(load_file(str(raw))["head.weight"], model.head.weight)
-    assert yaml.safe_load((tmp_path / "export" / "config.yaml").read_text()) == state["config"]
+    shipped = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
+    # the folder holds every weight: the starting points of the run are not read again
+    assert shipped["model"] == {"preset": "x", "pretrained": None, "init_from": None}
+    assert shipped | {"model": None} == state["config"] | {"model": None}
     assert torch.equal(model_state_from(state)["head.weight"], model.head.weight)
 
 
@@ -237,3 +241,19 @@ def test_export_weights_half_stores_fp16(tmp_path):
     tensors = load_file(str(export_weights(tmp_path / "last.pth", tmp_path / "half", use_ema=False, half=True)))
     assert tensors["head.weight"].dtype == torch.float16
     assert torch.equal(tensors["head.weight"], model.head.weight.detach().half())
+
+
+def test_export_weights_command(tmp_path, capsys):
+    from simvg.cli import main
+
+    model, _, _, _, state = trained_state(tmp_path)
+    save_checkpoint(tmp_path / "last.pth", state)
+    out = tmp_path / "folder"
+    assert main(["export", "weights", "--checkpoint", str(tmp_path / "last.pth"), "--out", str(out), "--weights",
+                 "raw", "--half"]) == 0  # fmt: skip
+    assert "fp16" in capsys.readouterr().out
+    tensors = load_file(str(out / "model.safetensors"))
+    assert torch.equal(tensors["head.weight"], model.head.weight.detach().half())
+    assert (out / "config.yaml").is_file()
+    assert main(["export", "weights", "--checkpoint", str(tmp_path / "nope.pth"), "--out", str(out)]) == 2
+    assert "nope.pth: checkpoint not found" in capsys.readouterr().err

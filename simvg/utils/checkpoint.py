@@ -13,6 +13,7 @@ prove that a crash mid-write resumes from the previous checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import shutil
@@ -238,9 +239,19 @@ def export_weights(
     weights = out / "model.safetensors"
     metadata = {"format": "simvg", "version": str(FORMAT_VERSION), "weights": "ema" if ema else "raw"}
     save_file(tensors, str(weights), metadata=metadata)
-    (out / "config.yaml").write_text(yaml.safe_dump(obj["config"], sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(shipped_config(obj["config"]), sort_keys=False))
     _copy_tokenizer(obj["config"], out)
     return weights
+
+
+def shipped_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's config without its starting weights: the exported folder holds every weight, so a loader must
+    not look for the BEiT-3 file or the stage-1 checkpoint the run started from."""
+    config = copy.deepcopy(config)
+    model = config.get("model")
+    if isinstance(model, dict):
+        model.update({k: None for k in ("pretrained", "init_from") if k in model})
+    return config
 
 
 def _copy_tokenizer(config: dict[str, Any], out: Path) -> None:
