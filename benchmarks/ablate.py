@@ -17,10 +17,14 @@ those of earlier calls with other variants, seeds or fractions) goes to ``OUT/re
 (``REPORT/ablation.md`` with mean and per-seed tables, ``ablation_curves.png``, ``ablation_fractions.png``) is
 rebuilt from them on every call. ``twostage``'s stage 2 keeps the base config's lr (the official stage 2 lowers it).
 
-Full ablation (about 40 min per 4000-step run with two runs sharing a 2-core CPU)::
+The default base is ``configs/synthref_rec_starter.yaml`` (the starter level: two objects on a plain background),
+where a 1000-step run leaves the "average box" plateau; on the easy and standard levels 1000-2000 steps end on or
+near it and every variant reads the same (docs/results.md). The ablation of docs/results.md (about 13 min per run,
+training and evaluation, with two runs sharing a 2-core CPU)::
 
-    python benchmarks/ablate.py --steps 4000 --seeds 0 1 --fractions 1.0 0.25 --parallel 2 \\
-        --out runs/ablate --report docs/results
+    python benchmarks/ablate.py --steps 1000 --seeds 0 1 --parallel 2 --out runs/ablate_starter --report docs/results
+    python benchmarks/ablate.py --steps 1000 --seeds 0 --variants onestage_dwbd --fractions 0.25 0.1 \\
+        --out runs/ablate_starter --report docs/results
 """
 
 from __future__ import annotations

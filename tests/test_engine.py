@@ -260,3 +260,16 @@ def test_eval_of_exported_folder_matches_checkpoint(trained, tmp_path, capsys):
     from_ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["eval", "--checkpoint", str(folder), "--split", "val", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == from_ckpt
+
+
+def test_eval_of_a_folder_reads_the_folders_tokenizer(trained, tmp_path):
+    from simvg.engine.commands import load_for_eval
+
+    cfg, _ = trained
+    folder = tmp_path / "export"
+    export_weights(f"{cfg.train.output_dir}/last.pth", folder)
+    read, _, kind = load_for_eval(folder, None, [], "auto")
+    assert kind == "exported" and read.data.tokenizer == str(folder / "tokenizer.spm")
+    other = tmp_path / "other.spm"
+    read, _, _ = load_for_eval(folder, None, [f"data.tokenizer={other}"], "auto")
+    assert read.data.tokenizer == str(other)  # an explicit choice wins

@@ -64,11 +64,11 @@ def load_for_eval(path: Path, config: str | None, overrides: list[str], weights:
         if not (path / "model.safetensors").is_file():
             raise UserError(f"{path}: a model folder needs model.safetensors and config.yaml")
         raw_cfg = read_yaml(config or path / "config.yaml")
-        return (
-            config_from_dict(raw_cfg, overrides, str(config or path / "config.yaml")),
-            load_file(str(path / "model.safetensors")),
-            "exported",
-        )
+        cfg = config_from_dict(raw_cfg, overrides, str(config or path / "config.yaml"))
+        # The model's own word ids: a folder's tokenizer.spm wins over the dataset's unless --set names one.
+        if (path / "tokenizer.spm").is_file() and not any(o.startswith("data.tokenizer=") for o in overrides):
+            cfg.data.tokenizer = str(path / "tokenizer.spm")
+        return cfg, load_file(str(path / "model.safetensors")), "exported"
     obj = load_checkpoint(path)
     if config:
         cfg = load_config(config, overrides)
