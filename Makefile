@@ -27,10 +27,10 @@ demo: $(STAMP)
 # The embedded REC default's recipe (docs/results.md): data, then the starter stage, then the easy stage (~45 min on
 # one core). Ship it: simvg export weights --checkpoint runs/synthref_rec/last.pth --out simvg/assets/default --half
 default-rec: $(STAMP)
-	$(BIN)/simvg data synth --out data/synthref_rec_starter --task rec --num-images 4000 --image-size 128 --seed 2 \
-		--max-objects 2 --background plain
-	$(BIN)/simvg data synth --out data/synthref_rec_easy --task rec --num-images 4000 --image-size 128 --seed 0 \
-		--max-objects 4 --background plain
+	test -f data/synthref_rec_starter/instances.json || $(BIN)/simvg data synth --out data/synthref_rec_starter \
+		--task rec --num-images 4000 --image-size 128 --seed 2 --max-objects 2 --background plain
+	test -f data/synthref_rec_easy/instances.json || $(BIN)/simvg data synth --out data/synthref_rec_easy \
+		--task rec --num-images 4000 --image-size 128 --seed 0 --max-objects 4 --background plain
 	$(BIN)/simvg train configs/synthref_rec_starter.yaml
 	$(BIN)/simvg train configs/synthref_rec.yaml
 
