@@ -133,7 +133,7 @@ SYNTH = "simvg data synth --out data/{} --task {} --num-images {} --image-size {
 CONV = {"encoder.stem": "conv"}  # early convolutions: shapes are visible to a scratch encoder sooner (beit3.py)
 EASY = f" --max-objects {EASY_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # the embedded defaults' level
 STARTER = f" --max-objects {STARTER_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # two objects: stage 1, ablation
-STAGE1, STARTER_TOKENIZER = "runs/synthref_rec_starter", "data/synthref_rec_starter/tokenizer.spm"
+STAGE1 = "runs/synthref_rec_starter"  # stage 1 of the REC default; stage 2 starts from its last.pth
 SYNTH_DATA = {  # config name -> the command that writes its dataset
     "synthref_rec": SYNTH.format("synthref_rec_easy", "rec", 4000, 128) + EASY,
     "synthref_grec": SYNTH.format("synthref_grec_easy", "grec", 4000, 128).replace("--seed 0", "--seed 1") + EASY,
@@ -177,7 +177,7 @@ def synthref() -> dict[str, Config]:
         # so that word ids keep their embeddings (each SynthRef folder trains its own tokenizer).
         "synthref_rec": Config(
             model=ModelSection(preset="simvg_synth_s", overrides=CONV, init_from=f"{STAGE1}/last.pth"),
-            data=dataclasses.replace(rec, tokenizer=STARTER_TOKENIZER), loss=loss((2.0, 1.0)),
+            data=dataclasses.replace(rec, tokenizer=f"{starter.root}/tokenizer.spm"), loss=loss((2.0, 1.0)),
             train=TrainConfig(output_dir="runs/synthref_rec", epochs=100, max_steps=2600, batch_size=32,
                               milestones=[2300], **{**cpu, "warmup": 50, "seed": 6667}),
             eval=EvalConfig(batch_size=64, max_samples=600),
