@@ -134,6 +134,7 @@ CONV = {"encoder.stem": "conv"}  # early convolutions: shapes are visible to a s
 EASY = f" --max-objects {EASY_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # the embedded defaults' level
 STARTER = f" --max-objects {STARTER_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # two objects: stage 1, ablation
 STAGE1 = "runs/synthref_rec_starter"  # stage 1 of the REC default; stage 2 starts from its last.pth
+STAGE2 = "runs/synthref_rec"  # stage 2 of the REC default; the GREC default starts from its last.pth
 SYNTH_DATA = {  # config name -> the command that writes its dataset
     "synthref_rec": SYNTH.format("synthref_rec_easy", "rec", 4000, 128) + EASY,
     "synthref_grec": SYNTH.format("synthref_grec_easy", "grec", 4000, 128).replace("--seed 0", "--seed 1") + EASY,
@@ -178,7 +179,7 @@ def synthref() -> dict[str, Config]:
         "synthref_rec": Config(
             model=ModelSection(preset="simvg_synth_s", overrides=CONV, init_from=f"{STAGE1}/last.pth"),
             data=dataclasses.replace(rec, tokenizer=f"{starter.root}/tokenizer.spm"), loss=loss((2.0, 1.0)),
-            train=TrainConfig(output_dir="runs/synthref_rec", epochs=100, max_steps=2600, batch_size=32,
+            train=TrainConfig(output_dir=STAGE2, epochs=100, max_steps=2600, batch_size=32,
                               milestones=[2300], **{**cpu, "warmup": 50, "seed": 6667}),
             eval=EvalConfig(batch_size=64, max_samples=600),
         ),
@@ -194,10 +195,14 @@ def synthref() -> dict[str, Config]:
                               milestones=[], **cpu),
             eval=EvalConfig(batch_size=64, max_samples=600),
         ),
+        # The GREC default starts from the REC default's run (the words, shapes and relations are learned there):
+        # 10 queries instead of 1, so the query embeddings start fresh; the REC run's tokenizer again.
         "synthref_grec": Config(
-            model=ModelSection(preset="simvg_synth_s_grec", overrides=CONV), data=grec, loss=loss((2.0, 1.0)),
-            train=TrainConfig(output_dir="runs/synthref_grec", epochs=1000, max_steps=3000, batch_size=32,
-                              milestones=[2600], eval_every_epochs=5, **cpu),
+            model=ModelSection(preset="simvg_synth_s_grec", overrides=CONV, init_from=f"{STAGE2}/last.pth",
+                               init_reset=["tqg.query_embed"]),
+            data=dataclasses.replace(grec, tokenizer=f"{starter.root}/tokenizer.spm"), loss=loss((2.0, 1.0)),
+            train=TrainConfig(output_dir="runs/synthref_grec", epochs=1000, max_steps=2000, batch_size=32,
+                              milestones=[1700], eval_every_epochs=3, **{**cpu, "warmup": 50}),
             eval=EvalConfig(batch_size=64, max_samples=600),
         ),
         "synthref_smoke": Config(
@@ -224,6 +229,8 @@ def render(name: str, cfg: Config) -> str:
         header += f"# Data: {SYNTH_DATA[name]}\n"
     if name == "synthref_rec":
         header += "# Stage 2 of the REC default: first simvg train configs/synthref_rec_starter.yaml (and its data).\n"
+    if name == "synthref_grec":
+        header += "# Starts from the REC default's run: first make default-rec (or its two simvg train commands).\n"
     return header + dump_config(cfg)
 
 

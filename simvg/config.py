@@ -32,7 +32,9 @@ class ModelSection:
     ``SimVGConfig`` (nested dicts for nested dataclasses, e.g. ``{"encoder": {"drop_path_rate": 0.0}}``).
     ``pretrained`` is a BEiT-3 checkpoint loaded into the encoder; ``init_from`` a ``simvg`` (or official)
     checkpoint loaded into the whole model before training (stage 2, fine-tuning); ``init_use_ema`` takes its EMA
-    weights instead of the raw ones (the official stage 2 ignores EMA, simvg.md B15).
+    weights instead of the raw ones (the official stage 2 ignores EMA, simvg.md B15). ``init_reset`` lists key
+    prefixes of the model that keep their fresh initialisation instead (e.g. ``tqg.query_embed`` to start a GREC
+    model, 10 queries, from a REC one, 1 query); any other shape mismatch is an error.
     """
 
     preset: str = "simvg_b32"
@@ -40,6 +42,7 @@ class ModelSection:
     pretrained: str | None = None
     init_from: str | None = None
     init_use_ema: bool = False
+    init_reset: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -169,7 +169,8 @@ def test_rng_state_round_trip():
 
 def test_export_weights_writes_safetensors_and_config(tmp_path):
     model, opt, sched, ema, state = trained_state(tmp_path)
-    state["config"]["model"] = {"preset": "x", "pretrained": "beit3.pth", "init_from": "runs/stage1/last.pth"}
+    state["config"]["model"] = {"preset": "x", "pretrained": "beit3.pth", "init_from": "runs/stage1/last.pth",
+                                "init_reset": ["tqg.query_embed"]}  # fmt: skip
     save_checkpoint(tmp_path / "last.pth", state)
     weights = export_weights(tmp_path / "last.pth", tmp_path / "export")
     tensors = load_file(str(weights))
@@ -178,7 +179,7 @@ def test_export_weights_writes_safetensors_and_config(tmp_path):
     assert torch.equal(load_file(str(raw))["head.weight"], model.head.weight)
     shipped = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
     # the folder holds every weight: the starting points of the run are not read again
-    assert shipped["model"] == {"preset": "x", "pretrained": None, "init_from": None}
+    assert shipped["model"] == {"preset": "x", "pretrained": None, "init_from": None, "init_reset": []}
     assert shipped | {"model": None} == state["config"] | {"model": None}
     assert torch.equal(model_state_from(state)["head.weight"], model.head.weight)
 

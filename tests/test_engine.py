@@ -127,6 +127,34 @@ def test_init_from_warns_when_the_run_reads_another_tokenizer(trained, tmp_path,
             assert str(theirs) in warnings[0] and str(other) in warnings[0]
 
 
+def test_init_reset_starts_a_grec_model_from_a_rec_checkpoint(trained, caplog):
+    cfg, _ = trained
+    ckpt = f"{cfg.train.output_dir}/last.pth"
+    grec = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, overrides={**cfg.model.overrides, "num_queries": 10})
+    )
+    with pytest.raises(UserError, match=r"tqg.query_embed.weight: checkpoint \(1, 32\), model \(10, 32\).*init_reset"):
+        init_weights(build_model(grec, with_weights=False), ckpt, use_ema=False)
+    model = build_model(grec, with_weights=False)
+    fresh = model.tqg.query_embed.weight.detach().clone()
+    caplog.clear()
+    init_weights(model, ckpt, use_ema=False, reset=["tqg.query_embed"])
+    assert torch.equal(model.tqg.query_embed.weight, fresh)
+    expected = model_state_from(load_checkpoint(ckpt))
+    loaded = {k: v for k, v in model.state_dict().items() if k != "tqg.query_embed.weight"}
+    assert loaded and all(torch.equal(v, expected[k]) for k, v in loaded.items())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("1 keys keep their fresh initialisation" in m for m in messages)
+    assert not any("missing" in m for m in messages)  # the reset key is not reported as missing too
+
+
+def test_init_reset_prefix_must_name_a_weight(trained):
+    cfg, _ = trained
+    model = build_model(cfg, with_weights=False)
+    with pytest.raises(UserError, match="init_reset: 'tqg.query' names no weight"):
+        init_weights(model, f"{cfg.train.output_dir}/last.pth", use_ema=False, reset=["tqg.query"])
+
+
 def test_plot_draws_png(trained, tmp_path):
     cfg, _ = trained
     out = plot_run(Path(cfg.train.output_dir), tmp_path / "curves.png")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def build_model(cfg: Config, with_weights: bool = True) -> SimVG:
             load_beit3_pretrained(model.encoder, cfg.model.pretrained),
         )
     if cfg.model.init_from:
-        init_weights(model, cfg.model.init_from, cfg.model.init_use_ema, cfg.data)
+        init_weights(model, cfg.model.init_from, cfg.model.init_use_ema, cfg.data, cfg.model.init_reset)
     return model
 
 
@@ -169,10 +170,14 @@ def tokenizer_mismatch(obj: dict[str, Any], data: DataConfig) -> str | None:
     return None if theirs.read_bytes() == ours.read_bytes() else str(theirs)
 
 
-def init_weights(model: nn.Module, path: str, use_ema: bool, data: DataConfig | None = None) -> None:
+def init_weights(
+    model: nn.Module, path: str, use_ema: bool, data: DataConfig | None = None, reset: Sequence[str] = ()
+) -> None:
     """Stage 2 / fine-tuning start: a checked partial load of a whole-model checkpoint (missing keys reported).
 
-    With ``data``, a warning names the checkpoint's tokenizer when this run reads a different one.
+    With ``data``, a warning names the checkpoint's tokenizer when this run reads a different one. Keys starting
+    with a prefix in ``reset`` are not loaded (they keep this model's initialisation); a prefix that matches no
+    key of the model is an error, so that a typo cannot silently load everything.
     """
     obj = load_checkpoint(path)
     other = tokenizer_mismatch(obj, data) if data is not None else None
@@ -183,7 +188,14 @@ def init_weights(model: nn.Module, path: str, use_ema: bool, data: DataConfig | 
         )  # fmt: skip
     if use_ema and not obj.get("ema"):
         raise UserError(f"{path}: model.init_use_ema is set but the checkpoint holds no EMA weights")
-    state = model_state_from(obj, use_ema=use_ema)
+    state, dropped = without_prefixes(model_state_from(obj, use_ema=use_ema), model, reset)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise UserError(
+                f"{path}: shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
+                f" (to start it fresh instead: --set model.init_reset=[{key}])"
+            )
     missing, unexpected = load_model_state(model, state, strict=False, source=path)
     if len(missing) == len(model.state_dict()):
         raise UserError(f"{path}: no key of this checkpoint matches the model (is it a simvg checkpoint?)")
@@ -194,9 +206,31 @@ def init_weights(model: nn.Module, path: str, use_ema: bool, data: DataConfig | 
         "EMA" if use_ema else "raw",
         len(state) - len(unexpected),
     )
+    if dropped:
+        log.info("init_from %s: %d keys keep their fresh initialisation (model.init_reset): %s", path, len(dropped),
+                 ", ".join(dropped[:10]))  # fmt: skip
+    missing = [k for k in missing if k not in dropped]
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             log.warning("init_from %s: %d %s keys: %s", path, len(keys), label, ", ".join(keys[:10]))
+
+
+def without_prefixes(
+    state: dict[str, torch.Tensor], model: nn.Module, prefixes: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(``state`` without the keys under ``prefixes``, the model's keys under them); ``UserError`` for a prefix
+    that names no key of the model."""
+    own = list(model.state_dict())
+    for prefix in prefixes:
+        if not any(_under(key, prefix) for key in own):
+            raise UserError(f"model.init_reset: {prefix!r} names no weight of this model (e.g. tqg.query_embed)")
+    dropped = [key for key in own if any(_under(key, p) for p in prefixes)]
+    kept = {key: value for key, value in state.items() if not any(_under(key, p) for p in prefixes)}
+    return kept, dropped
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix.rstrip(".") + ".")
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int) -> DataLoader:

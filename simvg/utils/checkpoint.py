@@ -251,6 +251,8 @@ def shipped_config(config: dict[str, Any]) -> dict[str, Any]:
     model = config.get("model")
     if isinstance(model, dict):
         model.update({k: None for k in ("pretrained", "init_from") if k in model})
+        if "init_reset" in model:
+            model["init_reset"] = []
     return config
 
 
