@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint setup clean default-rec
+.PHONY: test demo lint setup clean default-rec default-grec
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,16 @@ default-rec: $(STAMP)
 		--task rec --num-images 4000 --image-size 128 --seed 0 --max-objects 4 --background plain
 	$(BIN)/simvg train configs/synthref_rec_starter.yaml
 	$(BIN)/simvg train configs/synthref_rec.yaml
+
+# The embedded GREC default's recipe: from the REC default's run (make default-rec first), two stages on the easy
+# GREC level (~57 min on one core).
+# Ship it: simvg export weights --checkpoint runs/synthref_grec/last.pth --out simvg/assets/default_grec --half
+default-grec: $(STAMP)
+	test -f runs/synthref_rec/last.pth || $(MAKE) default-rec
+	test -f data/synthref_grec_easy/instances.json || $(BIN)/simvg data synth --out data/synthref_grec_easy \
+		--task grec --num-images 4000 --image-size 128 --seed 1 --max-objects 4 --background plain
+	$(BIN)/simvg train configs/synthref_grec_start.yaml
+	$(BIN)/simvg train configs/synthref_grec.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
