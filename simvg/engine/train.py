@@ -189,14 +189,8 @@ def init_weights(
     if use_ema and not obj.get("ema"):
         raise UserError(f"{path}: model.init_use_ema is set but the checkpoint holds no EMA weights")
     state, dropped = without_prefixes(model_state_from(obj, use_ema=use_ema), model, reset)
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise UserError(
-                f"{path}: shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
-                f" (to start it fresh instead: --set model.init_reset=[{key}])"
-            )
-    missing, unexpected = load_model_state(model, state, strict=False, source=path)
+    hint = " (to start it fresh instead: --set model.init_reset=[{key}])"
+    missing, unexpected = load_model_state(model, state, strict=False, source=path, mismatch_hint=hint)
     if len(missing) == len(model.state_dict()):
         raise UserError(f"{path}: no key of this checkpoint matches the model (is it a simvg checkpoint?)")
     log = get_logger()

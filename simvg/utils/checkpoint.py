@@ -154,12 +154,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def load_model_state(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "checkpoint"
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    strict: bool = True,
+    source: str = "checkpoint",
+    mismatch_hint: str = "",
 ) -> tuple[list[str], list[str]]:
     """Load weights into ``model``; returns (missing, unexpected) keys.
 
-    A shape mismatch is always an error (``UserError`` naming the key). With ``strict`` any missing or unexpected
-    key is an error too; otherwise the caller reports them.
+    A shape mismatch is always an error (``UserError`` naming the key, then ``mismatch_hint`` with ``{key}``
+    filled in). With ``strict`` any missing or unexpected key is an error too; otherwise the caller reports them.
     """
     state_dict = clean_state_dict(state_dict)
     own = unwrap_model(model).state_dict()
@@ -167,6 +171,7 @@ def load_model_state(
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             raise UserError(
                 f"{source}: shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
+                + mismatch_hint.format(key=key)
             )
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
