@@ -16,6 +16,7 @@ skipped, a killed training is resumed from its ``last.pth``. Every stored result
 those of earlier calls with other variants, seeds or fractions) goes to ``OUT/results.json``; the report
 (``REPORT/ablation.md`` with mean and per-seed tables, ``ablation_curves.png``, ``ablation_fractions.png``) is
 rebuilt from them on every call. ``twostage``'s stage 2 keeps the base config's lr (the official stage 2 lowers it).
+Validation (the curves) runs about every ``--val-every`` steps (200), whatever the fraction.
 
 The default base is ``configs/synthref_rec_starter.yaml`` (the starter level: two objects on a plain background),
 where a 1000-step run leaves the "average box" plateau; on the easy and standard levels 1000-2000 steps end on or
@@ -94,6 +95,23 @@ def schedule_overrides(steps: int) -> list[str]:
     warmup = min(200, steps // 10)
     return [f"train.max_steps={steps}", f"train.epochs={steps}", "train.schedule_unit=step",
             f"train.milestones=[{milestone}]", f"train.warmup={warmup}"]  # fmt: skip
+
+
+def validation_overrides(train_entries: int, batch_size: int, every_steps: int) -> list[str]:
+    """Validate about every ``every_steps`` optimisation steps whatever the train split's size: the engine counts
+    validation in epochs, and an epoch of a 10 % subset is ten times shorter than the full set's."""
+    steps_per_epoch = max(1, math.ceil(train_entries / batch_size))
+    return [f"train.eval_every_epochs={max(1, round(every_steps / steps_per_epoch))}"]
+
+
+def batch_size(config: dict[str, Any], overrides: list[str]) -> int:
+    """The per-process batch of the runs: the config's, or the last ``train.batch_size=`` override."""
+    sets = [o.split("=", 1)[1] for o in overrides if o.startswith("train.batch_size=")]
+    return int(sets[-1]) if sets else int(config.get("train", {}).get("batch_size", 32))
+
+
+def train_entries(root: Path) -> int:
+    return len(json.loads((root / "instances.json").read_text())["train"])
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -230,6 +248,8 @@ def run_job(job: Job, config: Path, args: argparse.Namespace, splits: list[str])
     """Train and evaluate one job; the result is also written to ``run_dir/result.json``."""
     t0 = time.time()
     data = [*args.overrides, f"data.root={job.data_root}", f"train.seed={job.seed}", f"train.threads={args.threads}"]
+    batch = batch_size(read_config(config), args.overrides)
+    data += validation_overrides(train_entries(job.data_root), batch, args.val_every)
     if job.variant == "twostage":
         half = max(1, args.steps // 2)
         stage1, stage2 = job.run_dir / "stage1", job.run_dir / "stage2"
@@ -425,6 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per training/eval process")
     p.add_argument("--parallel", type=int, default=2, help="runs at once")
     p.add_argument("--eval-samples", type=int, default=0, help="first N expressions per test split (0: all)")
+    p.add_argument("--val-every", type=int, default=200, help="validate about every N steps (the curves)")
     p.add_argument(
         "--set",
         dest="overrides",

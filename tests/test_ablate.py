@@ -32,6 +32,18 @@ def test_schedule_overrides_scale_with_the_budget():
     assert ablate.schedule_overrides(1000)[3:] == ["train.milestones=[850]", "train.warmup=100"]
 
 
+def test_validation_interval_counts_steps_not_epochs():
+    ablate = load_ablate()
+    # 16000 entries / 32 = 500 steps per epoch: every epoch; a 10 % subset (50 steps per epoch): every 4th epoch
+    assert ablate.validation_overrides(16000, 32, 200) == ["train.eval_every_epochs=1"]
+    assert ablate.validation_overrides(1600, 32, 200) == ["train.eval_every_epochs=4"]
+    assert ablate.validation_overrides(1601, 32, 200) == ["train.eval_every_epochs=4"]  # 51 steps: 3.9 epochs
+    assert ablate.validation_overrides(5, 32, 200) == ["train.eval_every_epochs=200"]
+    cfg = {"train": {"batch_size": 32}}
+    assert ablate.batch_size(cfg, []) == 32
+    assert ablate.batch_size(cfg, ["train.batch_size=18", "train.lr=1", "train.batch_size=8"]) == 8
+
+
 @pytest.mark.slow
 def test_ablation_end_to_end(tmp_path, capsys):
     ablate = load_ablate()
@@ -39,10 +51,11 @@ def test_ablation_end_to_end(tmp_path, capsys):
     synth = ["data", "synth", "--out", str(data), "--task", "rec", "--num-images", "16", "--image-size", "64"]
     subprocess.run([sys.executable, "-m", "simvg", *synth, "--seed", "0", "--workers", "1"], check=True, cwd=ROOT)
     out, report = tmp_path / "runs", tmp_path / "report"
-    # Batch 18 of 54 train entries: the full set validates at step 3, the half set (27 entries) at step 2.
+    # Batch 18 of 54 train entries, validation about every 2 steps: the full set (3 steps per epoch) validates at
+    # step 3, the half set (27 entries, 2 steps per epoch) at step 2.
     argv = ["--config", "configs/synthref_smoke.yaml", "--data-root", str(data), "--variants", "decoder_only",
             "twostage", "--seeds", "0", "--steps", "3", "--fractions", "1.0", "0.5", "--out", str(out),
-            "--report", str(report), "--parallel", "2", "--set", "train.batch_size=18"]  # fmt: skip
+            "--report", str(report), "--parallel", "2", "--set", "train.batch_size=18", "--val-every", "2"]  # fmt: skip
     assert ablate.main(argv) == 0
 
     results = json.loads((out / "results.json").read_text())
