@@ -174,7 +174,9 @@ def synthref() -> dict[str, Config]:
     grec = DataConfig(dataset="synthref", root="data/synthref_grec_easy", image_size=128, lsj=False, num_workers=0)
     std = dataclasses.replace(rec, root="data/synthref_rec")
     starter = dataclasses.replace(rec, root="data/synthref_rec_starter")
-    grec_tok = dataclasses.replace(grec, tokenizer=f"{starter.root}/tokenizer.spm")
+    # Each SynthRef folder trains its own tokenizer; every stage after the first keeps the starter's word ids.
+    starter_tokenizer = f"{starter.root}/tokenizer.spm"
+    grec_tok = dataclasses.replace(grec, tokenizer=starter_tokenizer)
     smoke = DataConfig(dataset="synthref", root="data/synthref_smoke", image_size=64, num_workers=0)
     return {
         # The REC default is a two-stage curriculum: the starter level first (the model leaves the "average box"
@@ -182,7 +184,7 @@ def synthref() -> dict[str, Config]:
         # so that word ids keep their embeddings (each SynthRef folder trains its own tokenizer).
         "synthref_rec": Config(
             model=ModelSection(preset="simvg_synth_s", overrides=CONV, init_from=f"{STAGE1}/last.pth"),
-            data=dataclasses.replace(rec, tokenizer=f"{starter.root}/tokenizer.spm"), loss=loss((2.0, 1.0)),
+            data=dataclasses.replace(rec, tokenizer=starter_tokenizer), loss=loss((2.0, 1.0)),
             train=TrainConfig(output_dir=STAGE2, epochs=100, max_steps=2600, batch_size=32,
                               milestones=[2300], **{**cpu, "warmup": 50, "seed": 6667}),
             eval=EvalConfig(batch_size=64, max_samples=600),

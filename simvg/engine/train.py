@@ -203,7 +203,7 @@ def init_weights(
     if dropped:
         log.info("init_from %s: %d keys keep their fresh initialisation (model.init_reset): %s", path, len(dropped),
                  ", ".join(dropped[:10]))  # fmt: skip
-    missing = [k for k in missing if k not in dropped]
+    missing = sorted(set(missing) - set(dropped))
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             log.warning("init_from %s: %d %s keys: %s", path, len(keys), label, ", ".join(keys[:10]))
