@@ -1,4 +1,4 @@
-"""Write every experiment YAML in ``configs/`` from the recipe table of the official release (simvg.md 4.2).
+"""Write every experiment YAML in ``configs/`` from the recipe table of the official release (docs/design.md).
 
 The YAML files are committed and complete (no inheritance); this script only keeps them consistent. Run
 ``python configs/generate.py`` after changing a recipe or a config default; ``tests/test_config.py`` fails when a
@@ -31,7 +31,8 @@ REC_DATASETS = {  # file-name stem -> dataset name, validation splits (test spli
     "flickr30k": ("flickr30k", ["val"], ["test"]),
 }
 FINETUNE_TARGETS = ("refcoco", "refcocoplus", "refcocog_umd")
-MIXED_VALS = ["val_refcoco_unc", "val_refcocoplus_unc", "val_refcocog_umd"]
+# The official mixed pre-training validates on these five splits; its best checkpoint is picked on their mean.
+MIXED_VALS = ["val_refcoco_unc", "val_refcocoplus_unc", "val_refcocog_umd", "val_referitgame_berkeley", "val_flickr30k"]
 
 
 def loss(dwbd: tuple[float, float] | None) -> LossConfig:
@@ -62,8 +63,9 @@ def recipe(
         pretrained=None if init_from else BEIT3[backbone],
         init_from=f"runs/{init_from}/best.pth" if init_from else None,
     )
+    # fp32 like the official runs (use_fp16=False); bf16 autocast is an opt-in (--set train.amp=bf16).
     settings = dict(output_dir=f"runs/{name}", lr=lr, epochs=epochs, warmup=warmup, milestones=milestones,
-                    batch_size=batch, ema=ema)  # fmt: skip
+                    batch_size=batch, ema=ema, amp="none")  # fmt: skip
     settings.update(train)
     return Config(model=model, data=data, loss=loss(dwbd), train=TrainConfig(**settings), eval=EvalConfig())
 
@@ -111,8 +113,9 @@ def vit_l_single() -> dict[str, Config]:
 
 def mixed() -> dict[str, Config]:
     """Pre-training on the mixture / COCO-only set, then fine-tuning or two-stage distillation (all ViT-B)."""
-    # Both pre-training sets run at 640 px: the official pretrain-cocoall used 512, whose position table cannot
-    # be loaded by the 640-px fine-tuning configs (simvg.md B8).
+    # Both pre-training sets run at 640 px. The official pretrain-cocoall used 512, but its fine-tuning configs run
+    # at 640 and a 512-px vision position table (259 rows) does not load into a 640-px model (403 rows): the
+    # official flow breaks there (docs/design.md, "What differs").
     configs: dict[str, Config] = {}
     for name, dataset in (("pretrain_mixed_b32", "mixed"), ("pretrain_cocoall_b32", "cocoall")):
         data = DataConfig(dataset=dataset, tokenizer=SPM, lsj=False, val_splits=MIXED_VALS)

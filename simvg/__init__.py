@@ -2,8 +2,9 @@
 
 Public API (loaded lazily, so ``import simvg`` stays light and never imports torch by itself)::
 
-    from simvg import Grounder, create_model
+    from simvg import Grounder, create_model, load_model
     grounder = Grounder.from_checkpoint()          # the embedded default model, on CPU
+    model = load_model("SimVG_ViT-B.pth")          # any model file, the authors' released checkpoints included
     result = grounder.ground("photo.jpg", "the dog on the left")
     result.boxes, result.scores, result.to_dict()
 """
@@ -18,15 +19,17 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "create_model": "simvg.models",
+    "load_model": "simvg.artifact",
     "list_models": "simvg.models",
     "Grounder": "simvg.inference.grounder",
     "GroundingResult": "simvg.inference.grounder",
     "UserError": "simvg.errors",
 }
 
-__all__ = ["Grounder", "GroundingResult", "UserError", "__version__", "create_model", "list_models"]
+__all__ = ["Grounder", "GroundingResult", "UserError", "__version__", "create_model", "list_models", "load_model"]
 
 if TYPE_CHECKING:
+    from simvg.artifact import load_model
     from simvg.errors import UserError
     from simvg.inference.grounder import Grounder, GroundingResult
     from simvg.models import create_model, list_models

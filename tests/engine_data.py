@@ -33,7 +33,9 @@ def _scene(rng: np.random.Generator, path: Path) -> list[tuple[str, list[float]]
         x = int(rng.integers(0, SIZE // 2 - side // 2)) + k * SIZE // 2
         y = int(rng.integers(0, SIZE - side))
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=COLOURS[name])
-        objects.append((str(name), [float(x), float(y), float(side), float(side)]))
+        # the right-hand square may run past the right edge: its box is the part inside the image (the first
+        # square, the REC target, always lies inside)
+        objects.append((str(name), [float(x), float(y), float(min(side, SIZE - x)), float(side)]))
     image.save(path)
     return objects
 
@@ -79,17 +81,34 @@ def make_dataset(root: Path, task: str = "rec", num_train: int = 16, num_val: in
     return root
 
 
-def make_config(root: Path, out_dir: Path, task: str = "rec", **train: object) -> Config:
-    """A CPU config for ``simvg_tiny_test`` on the dataset at ``root`` (no dropout, so runs compare exactly)."""
+def make_config(
+    root: Path,
+    out_dir: Path,
+    task: str = "rec",
+    *,
+    dropout: float = 0.0,
+    drop_path: float = 0.0,
+    distill_mode: str = "none",
+    **train: object,
+) -> Config:
+    """A CPU config for ``simvg_tiny_test`` on the dataset at ``root``; ``train`` sets ``TrainConfig`` fields.
+
+    By default no dropout, no drop-path and no distillation. The real recipes use ``dropout=0.1``, a drop-path rate
+    (``drop_path``, BEiT-3's ``drop_path_rate``) and ``distill_mode="dynamic"`` (DWBD): with them on, a run draws
+    random masks every step, so exact comparisons (resume, DDP) also check that every RNG stream is replayed.
+    """
     vocab = BEiT3Tokenizer(root / "tokenizer.spm").vocab_size
-    overrides = {"dropout": 0.0, "num_queries": 1 if task == "rec" else 4, "encoder": {"vocab_size": vocab}}
+    encoder: dict[str, object] = {"vocab_size": vocab}
+    if drop_path:  # the preset's rate is 0; the default config stays exactly what it was
+        encoder["drop_path_rate"] = drop_path
+    overrides = {"dropout": dropout, "num_queries": 1 if task == "rec" else 4, "encoder": encoder}
     settings = dict(output_dir=str(out_dir), device="cpu", threads=1, seed=1, epochs=2, batch_size=4, lr=1e-3,
                     schedule_unit="step", warmup=2, milestones=[6], amp="none", log_every_steps=1)  # fmt: skip
     settings.update(train)
     return Config(
         model=ModelSection(preset="simvg_tiny_test", overrides=overrides),
         data=DataConfig(dataset="synthref", root=str(root), image_size=SIZE, num_workers=0, jitter_min=0.8),
-        loss=LossConfig(distill_mode="none"),
+        loss=LossConfig(distill_mode=distill_mode),
         train=TrainConfig(**settings),
         eval=EvalConfig(batch_size=8),
     )

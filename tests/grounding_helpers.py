@@ -1,14 +1,13 @@
 """Shared builders for the inference, CLI, server, browser and export tests: a tiny random model in every format.
 
 The model is ``simvg_tiny_test`` (64 px, 2-layer 64-d encoder) with a sentencepiece tokenizer trained on a handful
-of expressions; it is written through the real paths (``save_checkpoint``, ``export_weights``), so the tests load
+of expressions; it is written through the real paths (``save_checkpoint``, ``export_folder``), so the tests load
 exactly what users load.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import threading
 import time
@@ -18,11 +17,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from simvg.artifact import export_folder
 from simvg.config import Config, ModelSection, to_dict
 from simvg.data.datasets import DataConfig
 from simvg.data.tokenizer import BEiT3Tokenizer, train_tokenizer
 from simvg.models import create_model
-from simvg.utils.checkpoint import export_weights, save_checkpoint
+from simvg.utils.checkpoint import save_checkpoint
 
 CORPUS = [
     "the red circle on the left",
@@ -62,11 +62,10 @@ def make_checkpoint(folder: Path, num_queries: int = 1, seed: int = 0) -> Path:
 
 
 def make_model_folder(folder: Path, num_queries: int = 1, seed: int = 0) -> Path:
-    """An exported model folder (model.safetensors + config.yaml + tokenizer.spm), the embedded default's format."""
+    """An exported model folder (model.safetensors + model.yaml + tokenizer.spm), the embedded default's format."""
     ckpt = make_checkpoint(folder / "train", num_queries, seed)
     out = folder / "model"
-    export_weights(ckpt, out)
-    shutil.copy(ckpt.parent / "tokenizer.spm", out / "tokenizer.spm")
+    export_folder(ckpt, out)
     return out
 
 

@@ -154,16 +154,19 @@ def _checkpoints(folder, root):
     file("truncated.pth", real[: len(real) // 2], "not a readable checkpoint")
     buffer = io.BytesIO()
     torch.save({"weights": torch.zeros(2)}, buffer)
-    file("foreign.pth", buffer.getvalue(), "not a simvg checkpoint")
+    file("foreign.pth", buffer.getvalue(), "top-level keys: weights")
     buffer = io.BytesIO()
     torch.save(torch.zeros(3), buffer)
     file("tensor.pth", buffer.getvalue(), "not a checkpoint")
     file("pickle.pth", pickle.dumps({"model": ServeLimits()}), "not a readable checkpoint")
     cases["nowhere.pth"] = (root / "nowhere.pth", "checkpoint not found")
-    model_folder("no_config", "config.yaml: missing", lambda d: (d / "config.yaml").unlink())
-    model_folder("bad_yaml", "not valid YAML", lambda d: (d / "config.yaml").write_text("model: [unclosed"))
-    model_folder("not_config", "not a simvg config", lambda d: (d / "config.yaml").write_text("- a\n- b\n"))
-    model_folder("no_weights", "model.safetensors: missing", lambda d: (d / "model.safetensors").unlink())
+    model_folder("no_spec", "not a model folder (no model.yaml)", lambda d: (d / "model.yaml").unlink())
+    model_folder("bad_yaml", "not readable YAML", lambda d: (d / "model.yaml").write_text("format: [unclosed"))
+    model_folder("not_spec", "not a simvg model spec", lambda d: (d / "model.yaml").write_text("- a\n- b\n"))
+    model_folder("bad_field", "model.yaml.architecture.embed_dim: expected int",
+                 lambda d: (d / "model.yaml").write_text((d / "model.yaml").read_text().replace(
+                     "  embed_dim: 32", "  embed_dim: wide")))  # fmt: skip
+    model_folder("no_weights", "neither a model folder", lambda d: (d / "model.safetensors").unlink())
     model_folder("bad_weights", "unreadable weights", lambda d: (d / "model.safetensors").write_bytes(b"\x10" * 64))
     model_folder("foreign_weights", "not a simvg model",
                  lambda d: save_file({"w": torch.zeros(2)}, str(d / "model.safetensors")))  # fmt: skip
@@ -172,9 +175,9 @@ def _checkpoints(folder, root):
                  lambda d: (d / "tokenizer.spm").write_bytes(b"nonsense"))  # fmt: skip
 
     def shallower(d):
-        config = yaml.safe_load((d / "config.yaml").read_text())
-        config["model"]["overrides"]["encoder"]["depth"] = 1
-        (d / "config.yaml").write_text(yaml.safe_dump(config))
+        spec = yaml.safe_load((d / "model.yaml").read_text())
+        spec["architecture"]["encoder"]["depth"] = 1
+        (d / "model.yaml").write_text(yaml.safe_dump(spec))
 
     model_folder("mismatch", "unexpected keys", shallower)
     return cases

@@ -8,8 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 from torch import nn
 
 from simvg.engine.ema import ModelEma
@@ -18,10 +16,8 @@ from simvg.errors import UserError
 from simvg.utils.checkpoint import (
     atomic_torch_save,
     clean_state_dict,
-    export_weights,
     load_checkpoint,
     load_model_state,
-    model_state_from,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
@@ -167,23 +163,6 @@ def test_rng_state_round_trip():
     assert [random.random() for _ in range(3)] == expected[2]
 
 
-def test_export_weights_writes_safetensors_and_config(tmp_path):
-    model, opt, sched, ema, state = trained_state(tmp_path)
-    state["config"]["model"] = {"preset": "x", "pretrained": "beit3.pth", "init_from": "runs/stage1/last.pth",
-                                "init_reset": ["tqg.query_embed"]}  # fmt: skip
-    save_checkpoint(tmp_path / "last.pth", state)
-    weights = export_weights(tmp_path / "last.pth", tmp_path / "export")
-    tensors = load_file(str(weights))
-    assert torch.equal(tensors["head.weight"], ema.module.head.weight)  # EMA is the default when present
-    raw = export_weights(tmp_path / "last.pth", tmp_path / "raw", use_ema=False)
-    assert torch.equal(load_file(str(raw))["head.weight"], model.head.weight)
-    shipped = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
-    # the folder holds every weight: the starting points of the run are not read again
-    assert shipped["model"] == {"preset": "x", "pretrained": None, "init_from": None, "init_reset": []}
-    assert shipped | {"model": None} == state["config"] | {"model": None}
-    assert torch.equal(model_state_from(state)["head.weight"], model.head.weight)
-
-
 def test_lr_factor_matches_official_schedule():
     # warmup 3 -> 0.25, 0.5, 0.75; decay_steps [25] -> epochs 24..29 at 0.1 (last 6 of 30)
     factors = [lr_factor(e, 3, [25]) for e in range(30)]
@@ -224,37 +203,3 @@ def test_ema_decay_warmup_and_update():
     assert ema.current_decay() == pytest.approx(2 / 11)
     ema.updates = 10_000
     assert ema.current_decay() == 0.999
-
-
-def test_export_weights_copies_the_run_tokenizer(tmp_path):
-    _, _, _, _, state = trained_state(tmp_path)
-    spm = tmp_path / "tok.spm"
-    spm.write_bytes(b"sentencepiece bytes")
-    state["config"] = {**state["config"], "data": {"tokenizer": str(spm), "root": str(tmp_path)}}
-    save_checkpoint(tmp_path / "last.pth", state)
-    export_weights(tmp_path / "last.pth", tmp_path / "export")
-    assert (tmp_path / "export" / "tokenizer.spm").read_bytes() == b"sentencepiece bytes"
-
-
-def test_export_weights_half_stores_fp16(tmp_path):
-    model, _, _, _, state = trained_state(tmp_path)
-    save_checkpoint(tmp_path / "last.pth", state)
-    tensors = load_file(str(export_weights(tmp_path / "last.pth", tmp_path / "half", use_ema=False, half=True)))
-    assert tensors["head.weight"].dtype == torch.float16
-    assert torch.equal(tensors["head.weight"], model.head.weight.detach().half())
-
-
-def test_export_weights_command(tmp_path, capsys):
-    from simvg.cli import main
-
-    model, _, _, _, state = trained_state(tmp_path)
-    save_checkpoint(tmp_path / "last.pth", state)
-    out = tmp_path / "folder"
-    assert main(["export", "weights", "--checkpoint", str(tmp_path / "last.pth"), "--out", str(out), "--weights",
-                 "raw", "--half"]) == 0  # fmt: skip
-    assert "fp16" in capsys.readouterr().out
-    tensors = load_file(str(out / "model.safetensors"))
-    assert torch.equal(tensors["head.weight"], model.head.weight.detach().half())
-    assert (out / "config.yaml").is_file()
-    assert main(["export", "weights", "--checkpoint", str(tmp_path / "nope.pth"), "--out", str(out)]) == 2
-    assert "nope.pth: checkpoint not found" in capsys.readouterr().err

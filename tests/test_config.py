@@ -77,6 +77,12 @@ def test_official_recipe_values():
     grec = load_config(CONFIGS / "grefcoco_b32_onestage.yaml")
     assert model_settings(grec.model).num_queries == 10 and not grec.data.lsj and grec.train.eval_start_epoch == 50
     assert load_config(CONFIGS / "finetune_cocoall_refcoco_b32.yaml").train.lr == 2e-4
+    mixed = load_config(CONFIGS / "pretrain_mixed_b32.yaml")  # best checkpoint on the official five splits
+    assert mixed.data.val_splits == ["val_refcoco_unc", "val_refcocoplus_unc", "val_refcocog_umd",
+                                     "val_referitgame_berkeley", "val_flickr30k"]  # fmt: skip
+    for path in YAMLS:  # the official runs train in fp32 (use_fp16=False); only SynthRef opts into bf16
+        cfg = load_config(path)
+        assert (cfg.train.amp == "none") or cfg.data.dataset == "synthref", path.name
 
 
 def write(tmp_path, data):

@@ -126,3 +126,37 @@ def test_no_gradient_reaches_the_decoder_through_pseudo_targets():
     assert any(g is not None and g.any() for g in tok)
     dec, _ = _decoder_grads(LossConfig(decoder=1.0, token=0.0, distill=1.0, distill_mode="fixed", fixed_weight=1.0))
     assert any(g is not None and g.any() for g in dec)  # the check above can fail: the GT term does reach it
+
+
+def test_teacher_weight_is_mean_over_all_matched_pairs_not_per_image():
+    """Catches a DWBD weight averaged per image (mean of per-image means) instead of over all matched pairs of the
+    batch, which is what the docstring and simvg.md 3.2 say.
+
+    Image 0 has two targets, both predicted exactly: p*IoU = 0.8 * 1 and 0.6 * 1. Image 1 has one target,
+    predicted with IoU 1/3 at p = 0.5: 0.5/3. Image 2 has no target (no pair; it must not count at all).
+    Over all pairs: w = (0.8 + 0.6 + 0.5/3) / 3 = 0.5222...; per image it would be ((0.8 + 0.6)/2 + 0.5/3)/2 =
+    0.4333... (or NaN with the empty image).
+    """
+    far = [0.1, 0.9, 0.05, 0.05]
+    a, b = [0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]
+    dec = {
+        "pred_logits": torch.stack(
+            [_logits_for([0.8, 0.6, 0.1]), _logits_for([0.2, 0.5, 0.1]), _logits_for([0.9] * 3)]
+        ),
+        "pred_boxes": torch.tensor([[a, b, far], [far, [0.5, 0.5, 0.2, 0.2], far], [a, b, far]]),
+    }
+    targets = [_target([b, a]), _target([GT]), _target([])]
+    pseudo, w = teacher_targets(dec, targets, HungarianMatcher())
+    expected = (0.8 + 0.6 + 0.5 / 3) / 3
+    assert w.item() == pytest.approx(expected, rel=1e-5)  # per image: 0.4333
+    assert sorted(pseudo[0]["weight"].tolist()) == pytest.approx([0.6, 0.8], rel=1e-5)
+    assert pseudo[1]["weight"].tolist() == pytest.approx([0.5 / 3], rel=1e-5)
+    assert len(pseudo[2]["boxes"]) == 0
+    # the loss uses that w: the token branch's GT term is (1 - w) times its distillation-free value
+    token = {"pred_logits": dec["pred_logits"].clone(), "pred_boxes": torch.rand(3, 3, 4) * 0.5 + 0.25,
+             "aux_outputs": []}  # fmt: skip
+    outputs = {"decoder": {**dec, "aux_outputs": []}, "token": token}
+    dynamic = SimVGLoss(LossConfig())(outputs, targets)
+    plain = SimVGLoss(LossConfig(distill_mode="none"))(outputs, targets)
+    assert dynamic["distill_w"].item() == pytest.approx(expected, rel=1e-5)
+    assert dynamic["loss_tgt"].item() == pytest.approx((1 - expected) * plain["loss_tgt"].item(), rel=1e-5)

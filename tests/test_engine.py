@@ -10,6 +10,7 @@ import torch
 import yaml
 from engine_data import make_config, make_dataset, write_config
 
+from simvg.artifact import export_folder
 from simvg.cli import main
 from simvg.config import load_config
 from simvg.data.collate import Batch
@@ -18,7 +19,7 @@ from simvg.engine.plot import plot_run
 from simvg.engine.train import build_model, fit, init_weights
 from simvg.errors import UserError
 from simvg.losses import SimVGLoss
-from simvg.utils.checkpoint import export_weights, load_checkpoint, model_state_from
+from simvg.utils.checkpoint import clean_state_dict, load_checkpoint
 from simvg.utils.logging import read_metrics
 
 
@@ -97,7 +98,7 @@ def test_init_from_loads_ema_or_raw_weights(trained):
     for use_ema in (False, True):
         model = build_model(cfg, with_weights=False)
         init_weights(model, ckpt, use_ema)
-        expected = model_state_from(obj, use_ema=use_ema)
+        expected = clean_state_dict(obj["ema"]["module"] if use_ema else obj["model"])
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
@@ -140,7 +141,7 @@ def test_init_reset_starts_a_grec_model_from_a_rec_checkpoint(trained, caplog):
     caplog.clear()
     init_weights(model, ckpt, use_ema=False, reset=["tqg.query_embed"])
     assert torch.equal(model.tqg.query_embed.weight, fresh)
-    expected = model_state_from(load_checkpoint(ckpt))
+    expected = load_checkpoint(ckpt)["model"]
     loaded = {k: v for k, v in model.state_dict().items() if k != "tqg.query_embed.weight"}
     assert loaded and all(torch.equal(v, expected[k]) for k, v in loaded.items())
     messages = [r.getMessage() for r in caplog.records]
@@ -282,22 +283,53 @@ def test_eval_of_exported_folder_matches_checkpoint(trained, tmp_path, capsys):
     cfg, _ = trained
     ckpt = f"{cfg.train.output_dir}/last.pth"
     folder = tmp_path / "export"
-    export_weights(ckpt, folder)  # EMA weights, the ones "auto" evaluates in the checkpoint
+    export_folder(ckpt, folder)  # EMA weights, the ones "auto" evaluates in the checkpoint
     capsys.readouterr()
     assert main(["eval", "--checkpoint", ckpt, "--split", "val", "--json"]) == 0
     from_ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main(["eval", "--checkpoint", str(folder), "--split", "val", "--json"]) == 0
+    # a model folder holds no dataset: the run's config names it
+    run_config = f"{cfg.train.output_dir}/config.yaml"
+    assert main(["eval", "--checkpoint", str(folder), "--config", run_config, "--split", "val", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == from_ckpt
+    assert main(["eval", "--checkpoint", str(folder), "--split", "val"]) == 2
+    assert "holds no dataset config; pass --config" in capsys.readouterr().err
 
 
-def test_eval_of_a_folder_reads_the_folders_tokenizer(trained, tmp_path):
-    from simvg.engine.commands import load_for_eval
+def test_eval_of_a_folder_reads_the_folders_tokenizer_and_preprocessing(trained, tmp_path):
+    from simvg.artifact import load_artifact
+    from simvg.engine.commands import eval_config, match_model
 
     cfg, _ = trained
     folder = tmp_path / "export"
-    export_weights(f"{cfg.train.output_dir}/last.pth", folder)
-    read, _, kind = load_for_eval(folder, None, [], "auto")
-    assert kind == "exported" and read.data.tokenizer == str(folder / "tokenizer.spm")
+    export_folder(f"{cfg.train.output_dir}/last.pth", folder)
+    run_config = Path(f"{cfg.train.output_dir}/config.yaml")
+    loaded = load_artifact(folder)
+    read = eval_config(folder, str(run_config), ["data.image_size=96"], None)
+    match_model(read, loaded, [])
+    assert read.data.tokenizer == str(folder / "tokenizer.spm") and read.data.image_size == 64  # the model's own
     other = tmp_path / "other.spm"
-    read, _, _ = load_for_eval(folder, None, [f"data.tokenizer={other}"], "auto")
-    assert read.data.tokenizer == str(other)  # an explicit choice wins
+    overrides = [f"data.tokenizer={other}", "data.image_size=96"]
+    read = eval_config(folder, str(run_config), overrides, None)
+    match_model(read, loaded, overrides)
+    assert read.data.tokenizer == str(other) and read.data.image_size == 96  # an explicit choice wins
+
+
+@pytest.mark.parametrize("task", ["rec", "grec"])
+def test_fit_with_dwbd_dynamic_dropout_and_drop_path(task, tmp_path):
+    """Training with the loss and the randomness of the real recipes (DWBD ``distill_mode="dynamic"``, dropout 0.1,
+    encoder drop-path): every step logs a DWBD weight in [0, 1] and loss = dgt + tgt + kd, and the run validates
+    and keeps ``best.pth``. GREC batches mix images with 0, 1 and 2 targets: w is a mean over the matched pairs
+    of the batch, so a no-target image adds nothing to it (a per-image mean would be NaN there and stop the run).
+    """
+    data = make_dataset(tmp_path / "data", task)
+    out = tmp_path / "run"
+    cfg = make_config(data, out, task, dropout=0.1, drop_path=0.2, distill_mode="dynamic", epochs=1)
+    result = fit(cfg)
+    assert result["step"] == 4 and result["best_metric"] is not None
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert 0.0 <= r["distill_w"] < 1.0 and r["loss_kd"] >= 0.0
+        assert r["loss"] == pytest.approx(r["loss_dgt"] + r["loss_tgt"] + r["loss_kd"], rel=1e-5)
+    assert any(r["distill_w"] > 0 and r["loss_kd"] > 0 for r in train)
+    assert load_checkpoint(out / "best.pth")["best_metric"] == result["best_metric"]

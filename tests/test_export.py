@@ -7,6 +7,7 @@ import shutil
 import onnx
 import pytest
 import torch
+import yaml
 from grounding_helpers import make_model_folder, scene
 
 from simvg.cli import main
@@ -31,7 +32,9 @@ def exported(folder, tmp_path_factory):
 
 
 def test_files_beside_the_graph_and_metadata(exported, folder):
-    assert (exported / "config.yaml").read_text() == (folder / "config.yaml").read_text()
+    spec = yaml.safe_load((exported / "model.yaml").read_text())
+    want = yaml.safe_load((folder / "model.yaml").read_text())
+    assert spec == {**want, "branch": "decoder"}  # the spec of the last export, naming its branch
     assert (exported / "tokenizer.spm").read_bytes() == (folder / "tokenizer.spm").read_bytes()
     graph = onnx.load(str(exported / "token.onnx"))
     assert {p.key: p.value for p in graph.metadata_props} == {"simvg_format": "1", "branch": "token"}
@@ -43,7 +46,8 @@ def test_files_beside_the_graph_and_metadata(exported, folder):
 @pytest.mark.parametrize("branch", ["token", "decoder"])
 def test_onnx_matches_pytorch_on_a_new_batch_size(exported, folder, branch):
     eager = Grounder.from_checkpoint(folder, branch=branch)
-    runtime = Grounder.from_checkpoint(exported / f"{branch}.onnx", branch=branch, backend="onnx")
+    runtime = Grounder.from_checkpoint(exported / f"{branch}.onnx")  # an ONNX file answers with its own branch
+    assert runtime.branch == branch
     images = [eager.open_image(scene(96 + 10 * i, 64)) for i in range(len(TEXTS))]
     tensors = torch.stack([_pre(eager, im) for im in images])
     ids, mask = eager.tokenizer(TEXTS)
@@ -59,7 +63,7 @@ def test_onnx_matches_pytorch_on_a_new_batch_size(exported, folder, branch):
 def _pre(grounder, image):
     from simvg.inference.loading import preprocess_image
 
-    return preprocess_image(image, grounder.data_cfg)[0]
+    return preprocess_image(image, grounder.spec.preprocess)[0]
 
 
 def test_token_graph_has_no_decoder(exported):
@@ -74,7 +78,7 @@ def test_token_graph_has_no_decoder(exported):
 def test_wrong_branch_and_foreign_graph_are_user_errors(exported, tmp_path):
     with pytest.raises(UserError, match="holds the token branch"):
         Grounder.from_checkpoint(exported / "token.onnx", branch="decoder", backend="onnx")
-    for name in ("config.yaml", "tokenizer.spm"):
+    for name in ("model.yaml", "tokenizer.spm"):
         shutil.copy(exported / name, tmp_path / name)
     torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(tmp_path / "other.onnx"), dynamo=False)
     with pytest.raises(UserError, match="not an ONNX model exported by 'simvg export onnx'"):

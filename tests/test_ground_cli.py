@@ -132,13 +132,13 @@ def test_demo_grounds_fresh_scenes_and_writes_a_page(folder, tmp_path, capsys):
 
 
 def test_demo_without_grec_default_runs_rec_only(folder, tmp_path, capsys, monkeypatch):
-    from simvg.inference import loading
+    from simvg import artifact
 
-    monkeypatch.setattr(loading, "DEFAULT_GREC_MODEL", tmp_path / "absent")
+    monkeypatch.setitem(artifact.DEFAULT_MODELS, "grec", tmp_path / "absent")
     assert main(["demo", "--out", str(tmp_path / "d"), "--num-images", "1", "--checkpoint", str(folder)]) == 0
     printed = capsys.readouterr().out
     assert "REC Acc@0.5:" in printed and "GREC skipped: no GREC default model" in printed
     assert not (tmp_path / "d" / "grec").exists()
-    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "absent")
+    monkeypatch.setitem(artifact.DEFAULT_MODELS, "rec", tmp_path / "absent")
     assert main(["demo", "--out", str(tmp_path / "d2"), "--num-images", "1"]) == 2
     assert "no embedded default model" in capsys.readouterr().err

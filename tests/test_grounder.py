@@ -12,11 +12,12 @@ import pytest
 import torch
 from grounding_helpers import make_checkpoint, make_model_folder, make_tokenizer, scene
 
-from simvg.data.datasets import DataConfig
+from simvg import artifact
+from simvg.artifact import ModelSpec, Preprocess, object_scores, postprocess
 from simvg.data.tokenizer import BEiT3Tokenizer
 from simvg.errors import UserError
-from simvg.inference import loading
-from simvg.inference.grounder import Grounder, GroundingResult, object_scores, select_queries
+from simvg.inference.grounder import Grounder, GroundingResult
+from simvg.models import MODEL_PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def assert_boxes_close(a, b, atol: float = 1e-4) -> None:
 
 def fixed_grounder(tmp_path, logits, boxes, **data) -> Grounder:
     tokenizer = BEiT3Tokenizer(make_tokenizer(tmp_path), max_len=20)
-    return Grounder(FixedRunner(logits, boxes), tokenizer, DataConfig(image_size=64, **data))
+    spec = ModelSpec(MODEL_PRESETS["simvg_tiny_test"], Preprocess(image_size=64, **data), branch="token")
+    return Grounder(FixedRunner(logits, boxes), tokenizer, spec)
 
 
 def test_object_score_is_softmax_of_index_0():
@@ -55,14 +57,25 @@ def test_object_score_is_softmax_of_index_0():
     assert object_scores(logits).tolist() == pytest.approx([0.5, 0.75, 0.2])
 
 
+def _logits(p_object: list[float]) -> torch.Tensor:
+    """[1, Q, 2] logits whose object probabilities are ``p_object`` (NaN stays NaN)."""
+    p = torch.tensor(p_object, dtype=torch.float64)
+    return torch.stack((torch.log(p), torch.log1p(-p)), dim=-1)[None].float()
+
+
 def test_rec_keeps_its_single_query_whatever_the_score():
-    assert select_queries(torch.tensor([0.01]), 0.7).tolist() == [0]
+    det = postprocess(_logits([0.01]), torch.rand(1, 1, 4), 0.7)[0]
+    assert det.keep.tolist() == [0]
 
 
 def test_grec_keeps_queries_at_or_over_threshold_best_first():
-    scores = torch.tensor([0.9, 0.2, 0.95, float("nan"), 0.7, 0.69])
-    assert select_queries(scores, 0.7).tolist() == [2, 0, 4]
-    assert select_queries(torch.tensor([0.1, 0.3]), 0.7).tolist() == []
+    scores = [0.9, 0.2, 0.95, float("nan"), 0.7, 0.69]
+    boxes = torch.rand(1, 6, 4)
+    det = postprocess(_logits(scores), boxes, 0.7)[0]
+    assert det.keep.tolist() == [2, 0, 4]
+    assert det.kept_scores.tolist() == pytest.approx([0.95, 0.9, 0.7], abs=1e-6)
+    assert torch.equal(det.kept_boxes, boxes[0, [2, 0, 4]])
+    assert postprocess(_logits([0.1, 0.3]), torch.rand(1, 2, 4), 0.7)[0].keep.tolist() == []
 
 
 def test_boxes_come_back_in_original_pixels_stretch(tmp_path):
@@ -184,9 +197,9 @@ def test_image_size_limit(folder):
 
 
 def test_embedded_default(folder, monkeypatch, tmp_path):
-    monkeypatch.setattr(loading, "DEFAULT_MODEL", folder)
+    monkeypatch.setitem(artifact.DEFAULT_MODELS, "rec", folder)
     assert Grounder.from_checkpoint().source == str(folder)
-    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "nothing")
+    monkeypatch.setitem(artifact.DEFAULT_MODELS, "rec", tmp_path / "nothing")
     with pytest.raises(UserError, match="no embedded default model"):
         Grounder.from_checkpoint()
 

@@ -12,6 +12,7 @@ from simvg.engine.metrics import (
     rec_hits,
     rec_ious,
 )
+from simvg.utils.box_ops import generalized_box_iou
 
 
 def boxes(*rows):
@@ -123,3 +124,46 @@ def test_grec_summary_counts_over_the_whole_split_not_per_batch():
 
 def test_grec_summary_empty():
     assert grec_summary([]) == {"pr_f1": 0.0, "n_acc": 0.0, "t_acc": 0.0, "num_samples": 0.0, "num_no_target": 0.0}
+
+
+def test_grec_match_at_giou_exactly_half():
+    """Catches GREC matching at GIoU > 0.5 instead of >= 0.5 (the official evaluator's bound is inclusive).
+
+    Pred [0, 0, 10, 5] against GT [0, 0, 10, 10]: intersection 50, union 100, and the enclosing box is the GT
+    itself (100), so GIoU = 50/100 - (100 - 100)/100 = 0.5 exactly in floating point.
+    """
+    gt = boxes([0, 0, 10, 10])
+    half = boxes([0, 0, 10, 5])
+    assert generalized_box_iou(half, gt).item() == 0.5
+    out = grec_outcome(half, torch.tensor([0.9]), gt)
+    assert (out.tp, out.fp, out.fn) == (1, 0, 0) and out.correct
+    assert greedy_match_count(torch.tensor([[0.5]]), 0.5) == 1
+    # two targets: [20, 20, 30, 30] hit exactly (taken first), then [0, 0, 10, 10] by [0, 5, 10, 10] at exactly 0.5
+    # (the lower half this time: intersection 50, union = enclosing box = 100)
+    two_gt = boxes([0, 0, 10, 10], [20, 20, 30, 30])
+    pred = boxes([0, 5, 10, 10], [20, 20, 30, 30])
+    both = grec_outcome(pred, torch.tensor([0.8, 0.95]), two_gt)
+    assert (both.tp, both.fp, both.fn) == (2, 0, 0) and both.correct
+    # just below the bound: [0, 0, 10, 4.9] has IoU = GIoU = 0.49 -> no match, one FP and one FN
+    below = grec_outcome(boxes([0, 0, 10, 4.9]), torch.tensor([0.9]), gt)
+    assert (below.tp, below.fp, below.fn) == (0, 1, 1) and not below.correct
+    assert grec_summary([out, both, below])["pr_f1"] == pytest.approx(100 * 2 / 3)
+
+
+def test_grec_target_expression_whose_only_kept_box_misses():
+    """Catches T-acc counting expressions with a true positive instead of expressions with a kept box.
+
+    T-acc asks "did the model say something is there?" (at least one kept box), Pr@F1 asks "was it right?". An
+    expression with a target whose only kept box (score 0.9) lies elsewhere counts as detected for T-acc and as
+    wrong for Pr@F1.
+    """
+    gt = boxes([0, 0, 10, 10])
+    wrong = grec_outcome(boxes([50, 50, 60, 60], [0, 0, 10, 10]), torch.tensor([0.9, 0.3]), gt)
+    assert (wrong.num_kept, wrong.tp, wrong.fp, wrong.fn) == (1, 0, 1, 1)
+    assert wrong.f1 == 0.0 and not wrong.correct
+    right = grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.9]), gt)
+    silent = grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.2]), gt)  # nothing kept
+    summary = grec_summary([wrong, right, silent])
+    assert summary["t_acc"] == pytest.approx(100 * 2 / 3)  # wrong and right kept a box; silent did not
+    assert summary["pr_f1"] == pytest.approx(100 / 3)  # only right is correct
+    assert grec_summary([wrong])["t_acc"] == 100.0 and grec_summary([wrong])["pr_f1"] == 0.0

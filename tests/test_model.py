@@ -14,7 +14,6 @@ from simvg.models import (
     model_config,
     model_config_from_dict,
     model_config_to_dict,
-    postprocess,
 )
 from simvg.models.decoder import TransformerDecoder
 from simvg.models.layers import (
@@ -161,15 +160,6 @@ def test_mlp_and_decoder_stack():
     assert torch.allclose(hs.mean(-1), torch.zeros(3, 2, 3), atol=1e-5)
 
 
-def test_postprocess_scores_and_boxes():
-    out = {"pred_logits": torch.tensor([[[math.log(3.0), 0.0]]]), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.4]]])}
-    res = postprocess(out)
-    assert torch.allclose(res["scores"], torch.tensor([[0.75]]))
-    assert torch.allclose(res["boxes"], torch.tensor([[[0.4, 0.3, 0.6, 0.7]]]))
-    px = postprocess(out, sizes=torch.tensor([[100, 200]]))  # (h, w)
-    assert torch.allclose(px["boxes"], torch.tensor([[[80.0, 30.0, 120.0, 70.0]]]))
-
-
 def test_presets_overrides_and_serialisation():
     assert {"simvg_b32", "simvg_l32", "simvg_b32_grec", "simvg_tiny_test", "simvg_synth_s"} <= set(list_models())
     b32 = MODEL_PRESETS["simvg_b32"]
@@ -190,3 +180,23 @@ def test_presets_overrides_and_serialisation():
         create_model("simvg_b16")
     with pytest.raises(UserError, match="bogus"):
         model_config_from_dict({**plain, "bogus": 1})
+
+
+def test_head_init_follows_the_official_deep_copies():
+    """detrex builds a stack from one layer deep-copied per layer, and each layer's two attentions from one module:
+    the TQG starts with equal layers and self-attention == cross-attention; the decoder branch re-draws every matrix
+    (Xavier) but keeps the copied vectors (FFN biases equal across its layers)."""
+    torch.manual_seed(0)
+    model = _tiny("simvg_tiny_test")
+    tqg = model.tqg.decoder.layers
+    assert len(tqg) >= 2
+    for layer in tqg:
+        assert torch.equal(layer.self_attn.in_proj_weight, layer.cross_attn.in_proj_weight)
+        assert torch.equal(layer.self_attn.out_proj.weight, layer.cross_attn.out_proj.weight)
+        for (name, a), b in zip(layer.state_dict().items(), tqg[0].state_dict().values()):
+            assert torch.equal(a, b), name
+    dec = model.decoder.decoder.layers
+    assert not torch.equal(dec[0].self_attn.in_proj_weight, dec[0].cross_attn.in_proj_weight)
+    assert not torch.equal(dec[0].ffn[0].weight, dec[1].ffn[0].weight)
+    assert torch.equal(dec[0].ffn[0].bias, dec[1].ffn[0].bias) and torch.equal(dec[0].ffn[3].bias, dec[2].ffn[3].bias)
+    assert not torch.equal(dec[0].ffn[0].bias, tqg[0].ffn[0].bias)  # separate stacks, separate draws

@@ -1,5 +1,8 @@
 """Transforms: boxes follow resize / crop / pad exactly (hand-computed), LSJ keeps the target, flips swap words."""
 
+import importlib.util
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +182,184 @@ def test_preprocess_matches_test_pipeline_and_maps_back():
     assert meta["orig_size"].tolist() == [60, 90]
     whole = torch.tensor([[0.5, 0.5, 1.0, 1.0]])  # the whole 32x32 input, padding included
     torch.testing.assert_close(boxes_to_original(whole, meta), torch.tensor([[0.0, 0.0, 90.0, 60.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixel-exact image/box alignment through crop, flip, letterbox and the map back to original pixels.
+#
+# The test image encodes where each pixel came from: pixel (x, y) of the original holds (R, G, B) = (x, y, 255)
+# inside the integer box [x1, x2) x [y1, y2) and (x, y, 0) outside it. After an integer crop, a flip and a
+# letterbox that only pads, every pixel of the network input still names its original pixel, so the affine
+# ``input_to_orig`` and the boxes can be checked against the pixels themselves, edges included.
+
+PAD = (124, 116, 104)  # round(255 * ImageNet mean): the letterbox fill of DataConfig's pipelines
+
+
+def _coordinate_image(w: int, h: int, box: list[int]) -> Image.Image:
+    xs, ys = np.meshgrid(np.arange(w), np.arange(h))
+    x1, y1, x2, y2 = box
+    inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+    return Image.fromarray(np.stack([xs, ys, np.where(inside, 255, 0)], -1).astype(np.uint8))
+
+
+def _pixels(image: torch.Tensor, cfg: DataConfig) -> np.ndarray:
+    """The normalised network input [3, H, W] back to its uint8 pixels [H, W, 3]."""
+    mean, std = torch.tensor(cfg.mean)[:, None, None], torch.tensor(cfg.std)[:, None, None]
+    levels = (image * std + mean) * 255
+    assert (levels - levels.round()).abs().max() < 1e-2
+    return levels.round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _assert_aligned(pixels: np.ndarray, meta: dict, box: list[int]) -> tuple[int, int, int, int]:
+    """Check input pixels, ``meta["boxes"]`` and ``input_to_orig`` against each other; returns the part of the
+    original image (x1, y1, x2, y2) that the input shows."""
+    h, w = pixels.shape[:2]
+    content = ~(pixels == PAD).all(-1)
+    v, u = np.nonzero(content)
+    x, y = pixels[v, u, 0].astype(np.int64), pixels[v, u, 1].astype(np.int64)
+    assert set(np.unique(pixels[v, u, 2]).tolist()) <= {0, 255}, "an input pixel was resampled"
+    shown = (int(x.min()), int(y.min()), int(x.max()) + 1, int(y.max()) + 1)
+    # the content is one whole window of the original, each pixel once
+    assert len(u) == (shown[2] - shown[0]) * (shown[3] - shown[1]) == len(set(zip(x.tolist(), y.tolist())))
+    # input_to_orig takes the centre of every input pixel to the centre of the original pixel it shows
+    sx, sy, dx, dy = meta["input_to_orig"].double().tolist()
+    off_x, off_y = np.abs((u + 0.5 - dx) / sx - (x + 0.5)).max(), np.abs((v + 0.5 - dy) / sy - (y + 0.5)).max()
+    assert max(off_x, off_y) < 1e-4, (
+        f"input_to_orig {meta['input_to_orig'].tolist()} misses the pixels by {off_x}, {off_y} px"
+    )
+    # the target box covers exactly the marked pixels: no pixel of the rectangle outside it, none missing
+    xyxy = box_cxcywh_to_xyxy(meta["boxes"].double())[0] * torch.tensor([w, h, w, h], dtype=torch.float64)
+    assert (xyxy - xyxy.round()).abs().max() < 1e-3, f"box {xyxy.tolist()} is not on the pixel grid"
+    bx1, by1, bx2, by2 = xyxy.round().long().tolist()
+    expected = np.zeros((h, w), dtype=bool)
+    expected[by1:by2, bx1:bx2] = True
+    marked = pixels[..., 2] == 255
+    my, mx = np.nonzero(marked)
+    drawn = [int(mx.min()), int(my.min()), int(mx.max()) + 1, int(my.max()) + 1] if len(mx) else []
+    assert np.array_equal(marked, expected), f"box {[bx1, by1, bx2, by2]} but the rectangle's pixels span {drawn}"
+    # and the map back returns the original box (clipped to what the input shows)
+    x1, y1, x2, y2 = boxes_to_original(meta["boxes"], meta)[0].tolist()
+    back = [min(x1, x2), y1, max(x1, x2), y2]  # a flip maps x1 and x2 back swapped
+    clipped = [max(box[0], shown[0]), max(box[1], shown[1]), min(box[2], shown[2]), min(box[3], shown[3])]
+    assert back == pytest.approx(clipped, abs=1e-3), f"mapped back to {back}, the original box is {clipped}"
+    return shown
+
+
+def _lsj_flip_letterbox(w: int, h: int, box: list[int], size: int, flip: bool, mode: str, seed: int):
+    """The real train pipeline with a jitter of exactly max(w, h) / size: LSJ keeps the scale (no resampling) and
+    crops a window whose long side is ``size``, so the letterbox only pads. None when LSJ found no crop."""
+    cfg = DataConfig(image_size=size, lsj=True, jitter_min=max(w, h) / size, jitter_max=max(w, h) / size,
+                     flip_prob=1.0 if flip else 0.0, resize_mode=mode)  # fmt: skip
+    pipe = build_train_transform(cfg)
+    assert isinstance(pipe.transforms[0], LargeScaleJitter) and len(pipe.transforms) == (3 if flip else 2)
+    rng = np.random.default_rng(seed)
+    sample = pipe.transforms[0](Sample(_coordinate_image(w, h, box), torch.tensor([box], dtype=torch.float32), ""), rng)
+    if sample.image.size == (w, h):
+        return None  # no crop kept enough of the box: the image comes back whole (and Resize resamples it)
+    for t in pipe.transforms[1:]:
+        sample = t(sample, rng)
+    image, meta = pipe.finish(sample)
+    assert image.shape == (3, size, size)
+    return _assert_aligned(_pixels(image, cfg), meta, box)
+
+
+class FixedCrop(LargeScaleJitter):
+    """LSJ with a given crop corner, so that a crop can be hand-computed (the seeded loop below covers the search)."""
+
+    def __init__(self, corner, **kwargs):
+        super().__init__(**kwargs)
+        self.corner = corner
+
+    def _choose_crop(self, boxes, image_size, crop_size, rng):
+        return self.corner
+
+
+def test_crop_flip_letterbox_hand_computed_pixel_exact():
+    """Catches an LSJ crop that moves the boxes (or the image) a few pixels off the other, and a flip that writes
+    ``w + dx`` into the affine: the flip comes after a crop here, so dx != 0."""
+    box = [30, 20, 60, 50]
+    sample = Sample(_coordinate_image(120, 80, box), torch.tensor([box], dtype=torch.float32), "")
+    # out_max_size 100, jitter 1.2: the image keeps its 120x80 pixels; the crop is 100 x round(66.67) = 67
+    lsj = FixedCrop((7, 3), out_max_size=100, jitter_min=1.2, jitter_max=1.2)
+    cropped = lsj(sample, np.random.default_rng(0))
+    assert cropped.image.size == (100, 67)
+    assert cropped.boxes.tolist() == [[23.0, 17.0, 53.0, 47.0]]
+    assert cropped.affine == (1.0, 1.0, -7.0, -3.0)
+    flipped = RandomHorizontalFlip(prob=1.0)(cropped, np.random.default_rng(0))
+    # x -> 100 - x: box [47, 17, 77, 47]; x_flip = 100 - (x - 7) = -x + 107
+    assert flipped.boxes.tolist() == [[47.0, 17.0, 77.0, 47.0]]
+    assert flipped.affine == (-1.0, 1.0, 107.0, -3.0)
+    # centred letterbox to 100: no scaling, (100 - 67) // 2 = 16 rows above -> box [47, 33, 77, 63], dy = 13
+    image, meta = ToTensorNormalize()(Resize(100, "letterbox_center", PAD)(flipped))
+    torch.testing.assert_close(meta["input_to_orig"], torch.tensor([-1.0, 1.0, 107.0, 13.0]))
+    torch.testing.assert_close(meta["boxes"], torch.tensor([[0.62, 0.48, 0.30, 0.30]]))
+    pixels = _pixels(image, DataConfig())
+    assert tuple(pixels[33, 76]) == (30, 20, 255) and tuple(pixels[62, 47]) == (59, 49, 255)  # box corners
+    assert tuple(pixels[33, 77]) == (29, 20, 0) and tuple(pixels[32, 50]) == (56, 19, 0)  # just outside
+    assert _assert_aligned(pixels, meta, box) == (7, 3, 107, 70)
+
+
+def test_flip_after_letterbox_maps_back():
+    """Catches ``w + dx`` in the flip's affine with a letterbox offset (dx = 10) before the flip."""
+    box = [5, 10, 15, 30]
+    sample = Sample(_coordinate_image(40, 60, box), torch.tensor([box], dtype=torch.float32), "")
+    boxed = Resize(60, "letterbox_center", PAD)(sample)  # (60 - 40) // 2 = 10 columns left of the image
+    assert boxed.affine == (1.0, 1.0, 10.0, 0.0)
+    flipped = RandomHorizontalFlip(prob=1.0)(boxed, np.random.default_rng(0))
+    # box [15, 10, 25, 30] -> [35, 10, 45, 30]; x_flip = 60 - (x + 10) = -x + 50
+    assert flipped.affine == (-1.0, 1.0, 50.0, 0.0)
+    image, meta = ToTensorNormalize()(flipped)
+    back = boxes_to_original(meta["boxes"], meta)[0]
+    assert back.tolist() == pytest.approx([15.0, 10.0, 5.0, 30.0], abs=1e-4)  # x1 / x2 come back swapped
+    assert _assert_aligned(_pixels(image, DataConfig()), meta, box) == (0, 0, 40, 60)
+
+
+def _random_case(rng: np.random.Generator) -> tuple:
+    w, h = (int(v) for v in rng.integers(24, 201, size=2))  # <= 256: a colour channel holds the coordinate
+    size = int(rng.integers(max(12, math.ceil(max(w, h) / 1.4)), max(w, h)))  # jitter in (1, 1.4]
+    bw, bh = int(rng.integers(1, w // 2 + 1)), int(rng.integers(1, h // 2 + 1))
+    x1, y1 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+    mode = str(rng.choice(["letterbox", "letterbox_center"]))
+    return w, h, [x1, y1, x1 + bw, y1 + bh], size, bool(rng.integers(2)), mode, int(rng.integers(2**31))
+
+
+def test_train_pipeline_alignment_on_random_crops_and_sizes():
+    """Property test over 150 seeded random cases (image size, box, crop, flip, letterbox mode): the input's
+    pixels, its target box and ``input_to_orig`` agree exactly, and the map back returns the original box.
+    Catches a crop that shifts boxes or image by any number of pixels and a flip affine of ``w + dx``."""
+    rng = np.random.default_rng(2024)
+    cropped = flipped_after_shift = clipped = 0
+    for _ in range(150):
+        case = _random_case(rng)
+        try:
+            shown = _lsj_flip_letterbox(*case)
+        except AssertionError as exc:  # name the case (w, h, box, size, flip, mode, seed) in the one-line message
+            raise AssertionError(f"case {case}: {str(exc).strip().splitlines()[0]}") from exc
+        if shown is None:
+            continue
+        w, h, box, _, flip, _, _ = case
+        cropped += 1
+        flipped_after_shift += flip and shown[0] > 0
+        clipped += not (shown[0] <= box[0] and shown[1] <= box[1] and box[2] <= shown[2] and box[3] <= shown[3])
+    # the cases exercise what they are meant to: crops, flips of a shifted window, boxes cut by the crop
+    assert cropped >= 140 and flipped_after_shift >= 40 and clipped >= 10, (cropped, flipped_after_shift, clipped)
+
+
+if importlib.util.find_spec("hypothesis") is not None:  # in the "test" extra; the seeded loop above runs without it
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @st.composite
+    def _cases(draw):
+        w, h = draw(st.integers(24, 200)), draw(st.integers(24, 200))
+        size = draw(st.integers(max(12, math.ceil(max(w, h) / 1.4)), max(w, h) - 1))
+        bw, bh = draw(st.integers(1, w // 2)), draw(st.integers(1, h // 2))
+        x1, y1 = draw(st.integers(0, w - bw)), draw(st.integers(0, h - bh))
+        flip, mode = draw(st.booleans()), draw(st.sampled_from(["letterbox", "letterbox_center"]))
+        return w, h, [x1, y1, x1 + bw, y1 + bh], size, flip, mode, draw(st.integers(0, 2**31 - 1))
+
+    @settings(max_examples=200, deadline=None)
+    @given(_cases())
+    def test_train_pipeline_alignment_property(case):
+        """Hypothesis version of the seeded loop above (same checks, shrinks a failure to a minimal case)."""
+        _lsj_flip_letterbox(*case)

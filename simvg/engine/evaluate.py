@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from simvg.artifact import SCORE_THRESHOLD, postprocess
 from simvg.data.collate import Batch, boxes_to_original
 from simvg.engine.metrics import GrecOutcome, grec_outcome, grec_summary, rec_accuracy, rec_hits, rec_ious
 from simvg.utils import dist
@@ -42,15 +43,18 @@ def judge_sample(
 
     ``branch_out`` holds ``pred_logits`` [B, Q, 2] and ``pred_boxes`` [B, Q, 4]; ``i`` picks the sample.
     """
-    scores = branch_out["pred_logits"][i].float().softmax(-1)[:, 0].cpu()  # [Q]
-    boxes = boxes_to_original(branch_out["pred_boxes"][i].float().cpu(), target)  # [Q, 4] xyxy pixels
+    logits, pred = branch_out["pred_logits"][i : i + 1].cpu(), branch_out["pred_boxes"][i : i + 1].cpu()
+    det = postprocess(logits, pred, opts["score_threshold"])[0]
+    scores, boxes = det.scores, boxes_to_original(det.boxes, target)  # [Q], [Q, 4] xyxy pixels
     gt = target["orig_boxes"].float().cpu().reshape(-1, 4)
     if task == "rec":
-        q = int(scores.argmax())
+        q = int(det.keep[0])
         iou = float(rec_ious(boxes[q : q + 1], gt[:1])[0]) if len(gt) else 0.0
         return {"box": _r(boxes[q]), "score": round(float(scores[q]), 4), "iou": round(iou, 6)}
     order = scores.argsort(descending=True)
-    outcome = grec_outcome(boxes, scores, gt, opts["score_threshold"], opts["match_threshold"], opts["match_metric"])
+    kept = det.keep
+    outcome = grec_outcome(boxes[kept], scores[kept], gt, opts["score_threshold"], opts["match_threshold"],
+                           opts["match_metric"])  # fmt: skip
     return {
         "boxes": [_r(b) for b in boxes[order]],
         "scores": _r(scores[order]),
@@ -116,7 +120,7 @@ def evaluate(
     branch: str = "both",
     *,
     iou_threshold: float = 0.5,
-    score_threshold: float = 0.7,
+    score_threshold: float = SCORE_THRESHOLD,
     match_threshold: float = 0.5,
     match_metric: str = "giou",
     amp: str = "none",

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
+from simvg.artifact import read_weights
 from simvg.config import Config, model_settings, save_config, to_dict
 from simvg.data.collate import collate
 from simvg.data.datasets import (
@@ -47,7 +48,6 @@ from simvg.utils import dist
 from simvg.utils.checkpoint import (
     load_checkpoint,
     load_model_state,
-    model_state_from,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
@@ -154,52 +154,45 @@ def build_model(cfg: Config, with_weights: bool = True) -> SimVG:
     return model
 
 
-def tokenizer_mismatch(obj: dict[str, Any], data: DataConfig) -> str | None:
-    """The tokenizer the checkpoint's run read, when it is a file here that differs from ``data``'s, else None.
+def tokenizer_mismatch(source: Path | None, data: DataConfig) -> str | None:
+    """``source`` (the tokenizer a checkpoint's run read) when it is a file that differs from ``data``'s, else None.
 
     Every SynthRef folder trains its own tokenizer, so a stage that moves to another folder must keep the first
     stage's (``data.tokenizer``); otherwise word ids change and the learned text embeddings mean nothing.
     """
-    source = (obj.get("config") or {}).get("data")
-    if not isinstance(source, dict) or "root" not in source:
-        return None
-    theirs = tokenizer_path(DataConfig(root=source["root"], tokenizer=source.get("tokenizer") or ""))
     ours = tokenizer_path(data)
-    if not (theirs.is_file() and ours.is_file()) or theirs.resolve() == ours.resolve():
+    if source is None or not (source.is_file() and ours.is_file()) or source.resolve() == ours.resolve():
         return None
-    return None if theirs.read_bytes() == ours.read_bytes() else str(theirs)
+    return None if source.read_bytes() == ours.read_bytes() else str(source)
 
 
 def init_weights(
     model: nn.Module, path: str, use_ema: bool, data: DataConfig | None = None, reset: Sequence[str] = ()
 ) -> None:
-    """Stage 2 / fine-tuning start: a checked partial load of a whole-model checkpoint (missing keys reported).
+    """Stage 2 / fine-tuning start: a checked partial load of any model file ``simvg.artifact`` reads (a run's
+    checkpoint, a model folder, an official SimVG file: the authors' pre-train -> fine-tune flow); missing keys are
+    reported.
 
     With ``data``, a warning names the checkpoint's tokenizer when this run reads a different one. Keys starting
     with a prefix in ``reset`` are not loaded (they keep this model's initialisation); a prefix that matches no
     key of the model is an error, so that a typo cannot silently load everything.
     """
-    obj = load_checkpoint(path)
-    other = tokenizer_mismatch(obj, data) if data is not None else None
+    read = read_weights(path, weights="ema" if use_ema else "raw")
+    log = get_logger()
+    for notice in read.notices:
+        log.info("init_from %s", notice)
+    other = tokenizer_mismatch(read.tokenizer, data) if data is not None else None
     if other:
-        get_logger().warning(
+        log.warning(
             "init_from %s was trained with tokenizer %s, this run reads %s (other word ids): set data.tokenizer=%s",
             path, other, tokenizer_path(data), other,
         )  # fmt: skip
-    if use_ema and not obj.get("ema"):
-        raise UserError(f"{path}: model.init_use_ema is set but the checkpoint holds no EMA weights")
-    state, dropped = without_prefixes(model_state_from(obj, use_ema=use_ema), model, reset)
+    state, dropped = without_prefixes(read.state, model, reset)
     hint = " (to start it fresh instead: --set model.init_reset=[{key}])"
     missing, unexpected = load_model_state(model, state, strict=False, source=path, mismatch_hint=hint)
     if len(missing) == len(model.state_dict()):
         raise UserError(f"{path}: no key of this checkpoint matches the model (is it a simvg checkpoint?)")
-    log = get_logger()
-    log.info(
-        "initialised from %s (%s weights): %d keys loaded",
-        path,
-        "EMA" if use_ema else "raw",
-        len(state) - len(unexpected),
-    )
+    log.info("initialised from %s (%s weights): %d keys loaded", path, read.spec.weights, len(state) - len(unexpected))
     if dropped:
         log.info("init_from %s: %d keys keep their fresh initialisation (model.init_reset): %s", path, len(dropped),
                  ", ".join(dropped[:10]))  # fmt: skip
@@ -239,7 +232,7 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_wo
 def build_loaders(cfg: Config, info: dist.DistInfo) -> tuple[str, DataLoader, dict[str, DataLoader]]:
     """(task, train loader, {val split: loader}); eval shards are unpadded so every sample counts once."""
     tokenizer = build_tokenizer(cfg.data)
-    check_vocab(cfg, tokenizer)
+    check_vocab(model_settings(cfg.model).encoder.vocab_size, tokenizer)
     spec, _, _ = resolve_paths(cfg.data)
     task = dataset_task(spec, Path(cfg.data.root))
     seed = cfg.train.seed
@@ -252,9 +245,8 @@ def build_loaders(cfg: Config, info: dist.DistInfo) -> tuple[str, DataLoader, di
     return task, train_loader, val_loaders
 
 
-def check_vocab(cfg: Config, tokenizer: Any) -> None:
-    """The text embedding must have a row for every id the tokenizer can produce."""
-    rows = model_settings(cfg.model).encoder.vocab_size
+def check_vocab(rows: int, tokenizer: Any) -> None:
+    """The text embedding (``rows`` ids) must have a row for every id the tokenizer can produce."""
     if tokenizer.vocab_size > rows:
         raise UserError(
             f"{tokenizer.path}: {tokenizer.vocab_size} token ids but the model's text embedding has {rows} rows; "

@@ -3,9 +3,10 @@
 The graph takes ``image`` [B, 3, S, S] float (normalised as at test time), ``text_ids`` [B, L] int64 and
 ``text_pad_mask`` [B, L] bool (True = pad), with a dynamic batch B, and returns ``logits`` [B, Q, 2] and ``boxes``
 [B, Q, 4] (cxcywh in [0, 1]) of the chosen branch only: the token branch graph contains no decoder at all (B14).
-``config.yaml`` and ``tokenizer.spm`` are written beside the file, so the folder is self-contained, and the
-model's metadata records the branch. After export the graph is run once on ONNX Runtime and compared with eager
-PyTorch (batch 3, a batch size the export never saw); a difference over 1e-4 is an error.
+``model.yaml`` (the model's spec, naming the exported branch) and ``tokenizer.spm`` are written beside the file, so
+the folder is self-contained, and the model's metadata records the branch. After export the graph is run once on
+ONNX Runtime and compared with eager PyTorch (batch 3, a batch size the export never saw); a difference over 1e-4
+is an error.
 
 We use the TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``, while the dynamo exporter would
 add ``onnxscript`` as a dependency.
@@ -14,7 +15,7 @@ add ``onnxscript`` as a dependency.
 from __future__ import annotations
 
 import argparse
-import shutil
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from simvg.artifact import SPEC_FILE, TOKENIZER_FILE, load_artifact, spec_to_dict
 from simvg.errors import UserError
+from simvg.utils.checkpoint import atomic_write_bytes
 
 OPSET = 17
 TOLERANCE = 1e-4
@@ -82,38 +85,54 @@ def max_difference(module: BranchModel, out: Path, inputs: tuple[Tensor, ...]) -
     return max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want))
 
 
-def export_onnx(checkpoint: str | Path | None, branch: str, out: str | Path) -> tuple[Path, float]:
-    """Export ``branch`` of ``checkpoint`` (folder, .pth; None = embedded default) to ``out``.
+def export_onnx(
+    checkpoint: str | Path | None,
+    branch: str | None,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    weights: str = "auto",
+) -> tuple[Path, float]:
+    """Export ``branch`` (None: the model's default) of ``checkpoint`` (any file ``simvg.artifact`` reads; None =
+    embedded default) to ``out``.
 
     Returns (the .onnx path, the max |ONNX - PyTorch| on a fresh batch). Raises UserError past ``TOLERANCE``.
     """
-    from simvg.inference.loading import load_bundle
+    from simvg.data.tokenizer import BEiT3Tokenizer
 
-    if branch not in ("token", "decoder"):
+    if branch not in (None, "token", "decoder"):
         raise UserError(f"--branch must be token or decoder, got {branch!r}")
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"{out}: the output name must end in .onnx")
-    bundle = load_bundle(checkpoint, device="cpu", branch=branch, backend="torch")
-    module = BranchModel(bundle.runner.model, branch).eval()
-    size = bundle.data_cfg.image_size
+    loaded = load_artifact(checkpoint, weights=weights, tokenizer=tokenizer, need_tokenizer=True)
+    branch = branch or loaded.spec.branch
+    module = BranchModel(loaded.model, branch).eval()
+    size = loaded.spec.preprocess.image_size
+    tok = BEiT3Tokenizer(loaded.tokenizer, max_len=loaded.spec.preprocess.max_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_graph(module, example_inputs(bundle.tokenizer, size, ["the left one", "a red circle"]), out)
-    (out.parent / "config.yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
-    tokenizer = out.parent / "tokenizer.spm"
-    if bundle.tokenizer.path.resolve() != tokenizer.resolve():
-        shutil.copyfile(bundle.tokenizer.path, tokenizer)
+    _write_graph(module, example_inputs(tok, size, ["the left one", "a red circle"]), out)
+    spec = dataclasses.replace(loaded.spec, branch=branch, tokenizer=TOKENIZER_FILE)
+    atomic_write_bytes(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode("utf-8"), out.parent / SPEC_FILE)
+    if loaded.tokenizer.resolve() != (out.parent / TOKENIZER_FILE).resolve():
+        atomic_write_bytes(loaded.tokenizer.read_bytes(), out.parent / TOKENIZER_FILE)
     texts = ["the second circle from the left", "x", "a very long expression " * 4]
-    difference = max_difference(module, out, example_inputs(bundle.tokenizer, size, texts))
+    difference = max_difference(module, out, example_inputs(tok, size, texts))
     if not difference <= TOLERANCE:
         raise UserError(f"{out}: ONNX and PyTorch outputs differ by {difference:.2e} (> {TOLERANCE:g})")
     return out, difference
 
 
 def export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default=None, help="model folder or training .pth (default: embedded model)")
-    parser.add_argument("--branch", choices=("token", "decoder"), default="token")
-    parser.add_argument("--out", required=True, help="MODEL.onnx; config.yaml and tokenizer.spm go beside it")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="model or run folder, .pth (ours or official), .safetensors (default: embedded model)",
+    )
+    parser.add_argument("--tokenizer", default=None, help="sentencepiece file for models without one (beit3.spm)")
+    parser.add_argument(
+        "--branch", choices=("token", "decoder"), default=None, help="the branch to export (default: the model's own)"
+    )
+    parser.add_argument("--out", required=True, help="MODEL.onnx; model.yaml and tokenizer.spm go beside it")
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -122,7 +141,8 @@ def export_command(args: argparse.Namespace) -> int:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError("export needs onnx and onnxruntime: pip install 'simvg[export]'") from None
-    path, difference = export_onnx(args.checkpoint, args.branch, args.out)
-    print(f"wrote {path} ({args.branch} branch; max |ONNX - PyTorch| = {difference:.1e}) with config.yaml and "
+    path, difference = export_onnx(args.checkpoint, args.branch, args.out, tokenizer=args.tokenizer)
+    branch = args.branch or "the model's default"
+    print(f"wrote {path} ({branch} branch; max |ONNX - PyTorch| = {difference:.1e}) with model.yaml and "
           f"tokenizer.spm beside it")  # fmt: skip
     return 0

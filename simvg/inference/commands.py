@@ -17,31 +17,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simvg.artifact import SCORE_THRESHOLD
 from simvg.errors import UserError
 
 MAX_REPORTED_BAD = 10
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default=None, help="model folder, .pth or .onnx (default: embedded model)")
-    parser.add_argument("--branch", choices=("token", "decoder"), default="token", help="which head answers")
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick and configure a model, shared by ``ground``, ``predict`` and ``serve``."""
+    parser.add_argument("--checkpoint", default=None,
+                        help="model or run folder, .pth (ours or the authors' official files), .safetensors or .onnx "
+                             "(default: the embedded model)")  # fmt: skip
+    parser.add_argument("--tokenizer", default=None,
+                        help="sentencepiece file for models without one (official files: beit3.spm)")  # fmt: skip
+    parser.add_argument("--branch", choices=("token", "decoder"), default=None,
+                        help="which head answers (default: the model's own)")  # fmt: skip
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="EMA or raw weights of a checkpoint that holds both (auto: EMA)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--score-threshold", type=float, default=0.7, help="GREC: keep boxes scoring at least this")
+    parser.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD,
+                        help="GREC: keep boxes scoring at least this")  # fmt: skip
 
 
-def _load_grounder(args: argparse.Namespace):
+def load_grounder(args: argparse.Namespace, **limits: int):
+    """The ``Grounder`` the model options describe; the load's notices go to stderr."""
     from simvg.inference.grounder import Grounder
 
-    backend = "onnx" if str(args.checkpoint or "").endswith(".onnx") else "torch"
-    return Grounder.from_checkpoint(
-        args.checkpoint, device=args.device, branch=args.branch, backend=backend, score_threshold=args.score_threshold
-    )
+    grounder = Grounder.from_checkpoint(
+        args.checkpoint, device=args.device, branch=args.branch, tokenizer=args.tokenizer,
+        score_threshold=args.score_threshold, weights=args.weights, **limits,
+    )  # fmt: skip
+    for notice in grounder.notices:
+        print(notice, file=sys.stderr)
+    return grounder
 
 
 def ground_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="image file")
     parser.add_argument("text", help="the referring expression, in quotes")
-    _model_arguments(parser)
+    model_arguments(parser)
     parser.add_argument("--out", default=None, help="write the image with the boxes drawn (PNG/JPEG)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--compare", action="store_true", help="with --out: draw token and decoder side by side")
@@ -72,7 +86,7 @@ def ground_command(args: argparse.Namespace) -> int:
 
     if args.compare and not args.out:
         raise UserError("--compare draws a picture: give --out OUT.png too")
-    grounder = _load_grounder(args)
+    grounder = load_grounder(args)
     image = grounder.open_image(args.image)
     result = grounder.ground(image, args.text)
     print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else _describe(result))
@@ -91,7 +105,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder the queries' image paths are relative to")
     parser.add_argument("--queries", required=True, help='JSONL: {"image": ..., "text": ..., "id": ...} per line')
     parser.add_argument("--out", required=True, help="JSONL predictions, one line per query")
-    _model_arguments(parser)
+    model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-bad", action="store_true", help="count and report bad lines instead of stopping")
 
@@ -186,7 +200,7 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(f"{queries}: queries file not found")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    grounder = _load_grounder(args)
+    grounder = load_grounder(args)
     bad: list[str] = []
     written = 0
     out.parent.mkdir(parents=True, exist_ok=True)

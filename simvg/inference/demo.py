@@ -53,9 +53,11 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=128, help="scene side (models trained on 128)")
     parser.add_argument("--checkpoint", default=None, help="REC model (default: simvg/assets/default)")
     parser.add_argument("--grec-checkpoint", default=None, help="GREC model (default: simvg/assets/default_grec)")
-    # The decoder branch by default: within its 45-minute CPU budget the embedded model's token branch has not yet
-    # caught up with the decoder through DWBD (docs/results.md); --branch token shows SimVG-TB.
-    parser.add_argument("--branch", choices=("token", "decoder"), default="decoder")
+    # Default: the branch the model's spec names (the embedded defaults name the decoder: within their CPU budget
+    # the token branch has not yet caught up through DWBD, docs/results.md); --branch token shows SimVG-TB.
+    parser.add_argument(
+        "--branch", choices=("token", "decoder"), default=None, help="which head answers (default: the model's own)"
+    )
     parser.add_argument(
         "--max-objects", type=int, default=EASY_MAX_OBJECTS, help="objects per scene, at most (default: as trained)"
     )
@@ -162,8 +164,8 @@ vertical-align:top}} img{{width:100%}} .wrong figcaption{{color:#b00020}} .corre
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from simvg.artifact import DEFAULT_MODELS, WEIGHTS_FILE
     from simvg.data.synthref import generate_synthref
-    from simvg.inference import loading
     from simvg.inference.grounder import Grounder
 
     if args.num_images < 1:
@@ -172,11 +174,11 @@ def demo_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grec_model = args.grec_checkpoint
-    if grec_model is None and (loading.DEFAULT_GREC_MODEL / loading.WEIGHTS).is_file():
-        grec_model = loading.DEFAULT_GREC_MODEL
+    if grec_model is None and (DEFAULT_MODELS["grec"] / WEIGHTS_FILE).is_file():
+        grec_model = DEFAULT_MODELS["grec"]
     tasks, notes = [("rec", args.checkpoint)], []
     if grec_model is None:
-        notes.append(f"GREC skipped: no GREC default model in {loading.DEFAULT_GREC_MODEL} (or pass --grec-checkpoint)")
+        notes.append(f"GREC skipped: no GREC default model in {DEFAULT_MODELS['grec']} (or pass --grec-checkpoint)")
     else:
         tasks.append(("grec", grec_model))
     rows: list[Row] = []

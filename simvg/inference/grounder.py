@@ -1,13 +1,13 @@
 """Grounding as a product: ``Grounder`` turns (image, expression) into boxes in original-image pixels.
 
-``Grounder.from_checkpoint(path)`` accepts the embedded default (``simvg/assets/default``), an exported model folder
-(``model.safetensors`` + ``config.yaml`` + ``tokenizer.spm``), a training checkpoint ``.pth`` (loaded with
-``weights_only=True``) or an ONNX file with its ``config.yaml`` and tokenizer beside it.
+``Grounder.from_checkpoint(path)`` accepts every kind of model file ``simvg.artifact`` reads (the embedded default,
+a model or run folder, a training checkpoint, a ``.safetensors``, an official SimVG checkpoint with ``tokenizer=``
+BEiT-3's ``beit3.spm``) and an ONNX file with its ``model.yaml`` and tokenizer beside it.
 
-Post-processing follows the official demo (simvg.md section 5): REC (one query) returns the arg-max query without a
-threshold; GREC (several queries) keeps every query whose object probability reaches ``score_threshold`` (0.7), and
-an empty set is an explicit ``no_target``. There is no NMS. Only the requested branch runs (no decoder for "token",
-the fast path SimVG lacks, B14), and a decoder-only model asked for the token branch is a clear error (B11, issue #7).
+Post-processing is ``simvg.artifact.postprocess`` (the official demo's): REC (one query) returns that query without
+a threshold; GREC (several queries) keeps every query whose object probability reaches ``score_threshold`` (0.7),
+and an empty set is an explicit ``no_target``. There is no NMS. Only the requested branch runs (no decoder for
+"token", the fast path the official code lacks, B14); by default the branch the model's spec names answers.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import Tensor
 
+from simvg import artifact
 from simvg.data.collate import boxes_to_original
 from simvg.errors import UserError
 from simvg.inference import loading
@@ -64,23 +64,6 @@ class GroundingResult:
         }
 
 
-def object_scores(logits: Tensor) -> Tensor:
-    """[..., 2] logits -> [...] object probability (index 0 = object, index 1 = no object)."""
-    return logits.float().softmax(-1)[..., 0]
-
-
-def select_queries(scores: Tensor, threshold: float) -> Tensor:
-    """Indices of the queries to report, best first, for one sample's [Q] scores.
-
-    Q == 1 (REC): the single query, whatever its score. Q > 1 (GREC): every query with score >= threshold,
-    possibly none. NaN scores are never kept.
-    """
-    if scores.numel() == 1:
-        return torch.zeros(1, dtype=torch.long)
-    keep = torch.nonzero(scores >= threshold).flatten()
-    return keep[scores[keep].argsort(descending=True)]
-
-
 def check_text(text: object, max_chars: int) -> str:
     """The expression with whitespace normalised; UserError when it is not text, empty or too long."""
     if not isinstance(text, str):
@@ -103,48 +86,59 @@ class Grounder:
         self,
         runner: loading.Runner,
         tokenizer: Any,
-        data_cfg: Any,
-        branch: str = "token",
-        score_threshold: float = 0.7,
+        spec: artifact.ModelSpec,
+        branch: str | None = None,
+        score_threshold: float = artifact.SCORE_THRESHOLD,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         source: str = "",
+        notices: list[str] | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
-        self.data_cfg = data_cfg
-        self.branch = branch
+        self.spec = spec
+        self.branch = branch or spec.branch
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
         self.max_text_chars = max_text_chars
         self.source = source
+        self.notices = list(notices or [])  # what loading the model had to say (e.g. an official file's settings)
 
     @classmethod
     def from_checkpoint(
         cls,
         path: str | Path | None = None,
         device: str | torch.device = "cpu",
-        branch: str = "token",
+        branch: str | None = None,
+        tokenizer: str | Path | None = None,
         backend: str = "torch",
-        score_threshold: float = 0.7,
+        score_threshold: float = artifact.SCORE_THRESHOLD,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        weights: str = "auto",
     ) -> Grounder:
-        """Load a model; ``path=None`` is the embedded default. An ``.onnx`` path implies ``backend="onnx"``."""
-        if branch not in BRANCHES:
+        """Load a model; ``path=None`` is the embedded default. An ``.onnx`` path implies ``backend="onnx"``.
+
+        ``branch=None`` answers with the model's default branch (``spec.branch``; an ONNX file's own branch);
+        ``tokenizer`` is a sentencepiece file for models that carry none (official SimVG files: ``beit3.spm``).
+        """
+        if branch is not None and branch not in BRANCHES:
             raise UserError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
         if not 0.0 <= score_threshold <= 1.0:
             raise UserError(f"score threshold must lie in [0, 1], got {score_threshold}")
-        bundle = loading.load_bundle(path, device=device, branch=branch, backend=backend)
+        if path is not None and str(path).endswith(".onnx"):
+            backend = "onnx"
+        bundle = loading.load_bundle(path, device, branch, backend, tokenizer=tokenizer, weights=weights)
         return cls(
             bundle.runner,
             bundle.tokenizer,
-            bundle.data_cfg,
-            branch=branch,
+            bundle.spec,
+            branch=bundle.branch,
             score_threshold=score_threshold,
             max_pixels=max_pixels,
             max_text_chars=max_text_chars,
             source=str(bundle.source),
+            notices=bundle.notices,
         )
 
     def ground(self, image: ImageInput, text: str, branch: str | None = None) -> GroundingResult:
@@ -167,13 +161,13 @@ class Grounder:
             return []
         clean = [check_text(t, self.max_text_chars) for t in texts]
         pils = [self.open_image(img) for img in images]
-        tensors, metas = zip(*(loading.preprocess_image(p, self.data_cfg) for p in pils))
+        tensors, metas = zip(*(loading.preprocess_image(p, self.spec.preprocess) for p in pils))
         ids, pad_mask, infos = loading.tokenize(self.tokenizer, clean)
         logits, boxes = self.runner(torch.stack(tensors), ids, pad_mask, branch)
-        scores = object_scores(logits)  # [B, Q]
+        detections = artifact.postprocess(logits, boxes, self.score_threshold)
         return [
-            self._result(text, pil, meta, scores[i], boxes[i], info, branch)
-            for i, (text, pil, meta, info) in enumerate(zip(clean, pils, metas, infos))
+            self._result(text, pil, meta, det, info, branch)
+            for text, pil, meta, det, info in zip(clean, pils, metas, detections, infos)
         ]
 
     def open_image(self, image: ImageInput) -> Image.Image:
@@ -183,17 +177,16 @@ class Grounder:
         return loading.open_rgb(image, self.max_pixels)
 
     def _result(
-        self, text: str, image: Image.Image, meta: dict, scores: Tensor, boxes: Tensor, info: dict, branch: str
+        self, text: str, image: Image.Image, meta: dict, det: artifact.Detections, info: dict, branch: str
     ) -> GroundingResult:
-        """One sample's [Q] scores and [Q, 4] normalised cxcywh boxes -> a GroundingResult."""
-        keep = select_queries(scores, self.score_threshold)
-        boxes_px = boxes_to_original(boxes[keep].float(), meta)
-        task = "rec" if scores.numel() == 1 else "grec"
+        """One sample's post-processed outputs -> a GroundingResult in original-image pixels."""
+        boxes_px = boxes_to_original(det.kept_boxes, meta)
+        task = "rec" if det.scores.numel() == 1 else "grec"
         return GroundingResult(
             text=text,
             boxes=boxes_px.tolist(),
-            scores=scores[keep].tolist(),
-            no_target=task == "grec" and keep.numel() == 0,
+            scores=det.kept_scores.tolist(),
+            no_target=task == "grec" and det.keep.numel() == 0,
             task=task,
             branch=branch,
             image_size=image.size,

@@ -1,46 +1,39 @@
-"""Loading a model for inference: the embedded default, exported folders, training checkpoints and ONNX files.
+"""Runners for inference: a loaded model (``simvg.artifact``) or an exported ONNX graph, behind one call, plus the
+image and text input helpers ``Grounder`` uses.
 
-A *model folder* holds ``model.safetensors`` (weights), ``config.yaml`` (the training config as a plain dict) and
-``tokenizer.spm``; ``simvg.utils.checkpoint.export_weights`` writes the first two. An ONNX export keeps the same
-``config.yaml`` and ``tokenizer.spm`` beside the ``.onnx`` file. A training checkpoint ``.pth`` carries its config
-inside; its tokenizer is found beside it or at the path its config names.
-
-Every failure a user can cause (missing file, someone else's checkpoint, corrupt bytes, a config that does not
-match the weights) is a ``UserError`` naming the file.
+``load_bundle`` reads every kind of model file through ``simvg.artifact.load_artifact``; an ``.onnx`` file is read
+with the ``model.yaml`` and ``tokenizer.spm`` that ``simvg export onnx`` writes beside it, and answers with the
+branch it holds. Every failure a user can cause is a ``UserError`` naming the file.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from simvg import artifact
 from simvg.errors import UserError
 
 # (images [B,3,S,S], text_ids [B,L], text_pad_mask [B,L], branch) -> (logits [B,Q,2], boxes [B,Q,4]) on CPU
 Runner = Callable[[Tensor, Tensor, Tensor, str], tuple[Tensor, Tensor]]
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL = ASSETS / "default"
-DEFAULT_GREC_MODEL = ASSETS / "default_grec"
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.spm"
 
 
 @dataclass
 class Bundle:
-    """Everything ``Grounder`` needs: a runner, the tokenizer, the preprocessing config and where it came from."""
+    """Everything ``Grounder`` needs: a runner, the tokenizer, the model's spec, where it came from, the branch."""
 
     runner: Runner
     tokenizer: Any
-    data_cfg: Any
+    spec: artifact.ModelSpec
     source: Path
-    config: dict[str, Any]
+    branch: str
+    notices: list[str]
 
 
 class TorchRunner:
@@ -87,61 +80,6 @@ class OnnxRunner:
         return torch.from_numpy(logits), torch.from_numpy(boxes)
 
 
-def resolve(path: str | Path | None) -> Path:
-    """The file or folder to load; None is the embedded default."""
-    if path is None:
-        if not (DEFAULT_MODEL / WEIGHTS).is_file():
-            raise UserError(f"no embedded default model in {DEFAULT_MODEL}; pass --checkpoint (folder, .pth or .onnx)")
-        return DEFAULT_MODEL
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint not found")
-    return path
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A ``config.yaml`` as a dict; UserError when missing or not a mapping."""
-    if not path.is_file():
-        raise UserError(f"{path}: missing (a model needs its config.yaml beside the weights)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise UserError(f"{path}: not a simvg config (no 'model' section)")
-    return data
-
-
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Weights from a ``.safetensors`` file; UserError for a missing, corrupt or foreign file."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise UserError(f"{path}: missing (a model folder needs {WEIGHTS})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("format") != "simvg":
-                raise UserError(f"{path}: not a simvg model (its metadata lacks format=simvg)")
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable weights ({str(exc).splitlines()[0][:200]})") from None
-
-
-def read_training_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(model state, config) from a ``simvg train`` checkpoint; the EMA weights when it has them."""
-    from simvg.utils.checkpoint import load_checkpoint, model_state_from
-
-    with warnings.catch_warnings():
-        # A plain pickle (not torch's zip format) makes torch warn about its protocol before refusing it.
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        obj = load_checkpoint(path)
-    if not isinstance(obj.get("model"), dict) or not isinstance(obj.get("config"), dict):
-        raise UserError(f"{path}: not a simvg checkpoint (expected 'model' and 'config' entries)")
-    if not isinstance(obj["config"].get("model"), dict):
-        raise UserError(f"{path}: not a simvg checkpoint (its config has no 'model' section)")
-    return model_state_from(obj, use_ema=bool(obj.get("ema"))), obj["config"]
-
-
 def open_rgb(image: str | Path | bytes | Image.Image, max_pixels: int) -> Image.Image:
     """A path, encoded bytes or PIL image -> 8-bit RGB, EXIF-rotated, at most ``max_pixels`` pixels."""
     from simvg.data.image_io import load_image, to_rgb
@@ -184,65 +122,37 @@ def tokenize(tokenizer: Any, texts: list[str]) -> tuple[Tensor, Tensor, list[dic
     return ids, mask, infos
 
 
-def _find_tokenizer(folder: Path, config: Any) -> Path:
-    """``tokenizer.spm`` beside the weights, else the path the training config names."""
-    candidates = [folder / TOKENIZER]
-    if config.data.tokenizer:
-        candidates.append(Path(config.data.tokenizer))
-    candidates.append(Path(config.data.root) / TOKENIZER)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"{folder / TOKENIZER}: tokenizer not found (also looked at {', '.join(map(str, candidates[1:]))})")
-
-
-def _build_model(config: Any, state: dict[str, Tensor], source: Path) -> torch.nn.Module:
-    """The model the config describes, with ``state`` loaded strictly (a mismatch is a UserError)."""
-    from simvg.config import model_settings
-    from simvg.models import SimVG
-    from simvg.utils.checkpoint import load_model_state
-
-    # The same preset + overrides resolution as training (type-checked), so a run's config always rebuilds its model.
-    model = SimVG(model_settings(config.model))
-    load_model_state(model, state, strict=True, source=str(source))
-    return model
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
-    return dev
-
-
-def load_bundle(path: str | Path | None, device: str | torch.device, branch: str, backend: str) -> Bundle:
-    """Load the model at ``path`` (see the module docstring) for ``backend`` "torch" or "onnx"."""
-    from simvg.config import config_from_dict
+def load_bundle(
+    path: str | Path | None,
+    device: str | torch.device = "cpu",
+    branch: str | None = None,
+    backend: str = "torch",
+    tokenizer: str | Path | None = None,
+    weights: str = "auto",
+) -> Bundle:
+    """Load the model at ``path`` for ``backend`` "torch" or "onnx"; ``branch=None`` takes the model's default (an
+    ONNX file's own branch)."""
     from simvg.data.tokenizer import BEiT3Tokenizer
 
     if backend not in ("torch", "onnx"):
         raise UserError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-    source, dev = resolve(path), _device(device)
+    if branch is not None and branch not in artifact.BRANCHES:
+        raise UserError(f"branch must be one of {', '.join(artifact.BRANCHES)}, got {branch!r}")
+    source = artifact.resolve(path)
     if source.suffix == ".onnx" or backend == "onnx":
         source = source if source.is_file() else source / "model.onnx"
-        folder, state = source.parent, None
-        raw = read_config(folder / CONFIG)
-    elif source.is_dir() or source.suffix == ".safetensors":
-        folder = source if source.is_dir() else source.parent
-        raw = read_config(folder / CONFIG)
-        state = read_safetensors(source if source.is_file() else source / WEIGHTS)
-    else:
-        folder = source.parent
-        state, raw = read_training_checkpoint(source)
-    config = config_from_dict(raw, source=str(source))
-    tokenizer = BEiT3Tokenizer(_find_tokenizer(folder, config), max_len=config.data.max_tokens)
-    if state is None:
-        runner: Runner = OnnxRunner(source, dev)
-        if runner.branch != branch:
+        runner: Any = OnnxRunner(source, artifact.torch_device(device))
+        if branch is not None and runner.branch != branch:
             raise UserError(f"{source} holds the {runner.branch} branch; ask for branch={runner.branch!r}")
+        spec = artifact.read_spec(source.parent)
+        tok = Path(tokenizer) if tokenizer is not None else source.parent / (spec.tokenizer or artifact.TOKENIZER_FILE)
+        if not tok.is_file():
+            raise UserError(f"{tok}: tokenizer not found (pass --tokenizer SPM)")
+        artifact.check_tokenizer(tok, spec)
+        chosen, notices = runner.branch, []
     else:
-        runner = TorchRunner(_build_model(config, state, source), dev)
-    return Bundle(runner, tokenizer, config.data, source, raw)
+        loaded = artifact.load_artifact(source, weights=weights, device=device, tokenizer=tokenizer,
+                                        need_tokenizer=True)  # fmt: skip
+        runner = TorchRunner(loaded.model, artifact.torch_device(device))
+        spec, tok, notices, chosen = loaded.spec, loaded.tokenizer, loaded.notices, branch or loaded.spec.branch
+    return Bundle(runner, BEiT3Tokenizer(tok, max_len=spec.preprocess.max_tokens), spec, source, chosen, notices)

@@ -15,7 +15,7 @@ from typing import Any
 
 from simvg.errors import UserError
 from simvg.models.beit3 import BEiT3Config, beit3_config
-from simvg.models.simvg import SimVG, SimVGConfig, postprocess
+from simvg.models.simvg import SimVG, SimVGConfig
 
 SYNTH_VOCAB = 1000
 # Trained from scratch: sinusoidal position tables and unit-scale word embeddings (beit3.py explains why; with BEiT's
@@ -125,5 +125,4 @@ __all__ = [
     "model_config",
     "model_config_from_dict",
     "model_config_to_dict",
-    "postprocess",
 ]

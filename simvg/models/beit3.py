@@ -293,7 +293,9 @@ class Encoder(nn.Module):
         self.embed_positions = Multiway(
             nn.Embedding(num_vision_positions + POSITION_OFFSET, dim), nn.Embedding(cfg.max_text_positions, dim)
         )
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # Drop-path rising linearly over depth (torchscale's linspace), computed on the CPU so that a model can
+        # be built on the meta device.
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.layers = nn.ModuleList(EncoderLayer(cfg, rate) for rate in rates)
         self.layer_norm = _layer_norms(dim, cfg.layernorm_eps) if cfg.normalize_output else None
 

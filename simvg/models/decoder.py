@@ -64,6 +64,12 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.return_intermediate = return_intermediate
+        # The official stack (detrex) deep-copies one attention module into self- and cross-attention and one layer
+        # into every layer, so all start equal; the decoder branch then re-draws its matrices (Xavier), the TQG not.
+        first = self.layers[0]
+        first.cross_attn.load_state_dict(first.self_attn.state_dict())
+        for layer in self.layers[1:]:
+            layer.load_state_dict(first.state_dict())
 
     def forward(
         self, memory: Tensor, query_pos: Tensor, memory_pos: Tensor, memory_pad_mask: Tensor | None = None
@@ -83,7 +89,8 @@ class TextGuidedQueryGenerator(nn.Module):
 
     With ``use_tqg=False`` the queries are the plain learned embeddings ``Qe`` (the "w/o TQG" ablation).
     ``text_pool`` / ``text_pos`` = "official" reproduce the official bugs B1 / B2 for checkpoint parity.
-    The TQG layers keep PyTorch's default init, as in the official code.
+    The TQG layers keep PyTorch's default init, as in the official code: every layer starts as a copy of the first,
+    and each layer's cross-attention as a copy of its self-attention (``TransformerDecoder``).
     """
 
     def __init__(

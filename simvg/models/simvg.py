@@ -9,7 +9,7 @@ Composition as in the official ``MIXDETRMB`` + ``TextGuidedQuerySelectKDDETRHead
     token branch:   MLP(o + q) -> logits and boxes  (runs without the decoder: branch="token" is the fast path)
 
 The model returns DETR's output dicts and nothing else: losses live in ``simvg.losses``, post-processing in
-``postprocess`` below.
+``simvg.artifact.postprocess``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from simvg.errors import UserError
@@ -25,7 +24,6 @@ from simvg.models.beit3 import BEiT3, BEiT3Config
 from simvg.models.decoder import TEXT_POOLS, TEXT_POSITIONS, DecoderBranch, TextGuidedQueryGenerator
 from simvg.models.layers import sine_position_2d
 from simvg.models.token_head import TokenBranch
-from simvg.utils.box_ops import box_cxcywh_to_xyxy
 
 BRANCHES = ("both", "token", "decoder")
 
@@ -124,23 +122,3 @@ class SimVG(nn.Module):
         b, n, c = patches.shape
         fmap = patches.transpose(1, 2).reshape(b, c, *grid)
         return self.input_proj(fmap).flatten(2).transpose(1, 2)
-
-
-@torch.no_grad()
-def postprocess(branch_out: dict[str, Any], sizes: Tensor | None = None) -> dict[str, Tensor]:
-    """One branch's outputs -> scores and xyxy boxes (the official ``head.inference``).
-
-    Args:
-        branch_out: ``pred_logits`` [B, Q, 2] and ``pred_boxes`` [B, Q, 4] (cxcywh, normalised).
-        sizes: optional [B, 2] (height, width) to scale boxes to pixels; normalised [0, 1] xyxy otherwise.
-
-    Returns:
-        ``{"scores": [B, Q] softmax object probability, "boxes": [B, Q, 4] xyxy}``. For REC keep
-        ``scores.argmax(1)``; for GREC keep queries with score above a threshold (0.7 officially).
-    """
-    scores = branch_out["pred_logits"].float().softmax(-1)[..., 0]
-    boxes = box_cxcywh_to_xyxy(branch_out["pred_boxes"].float())
-    if sizes is not None:
-        h, w = sizes.to(boxes).unbind(-1)
-        boxes = boxes * torch.stack((w, h, w, h), dim=-1)[:, None, :]
-    return {"scores": scores, "boxes": boxes}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from simvg.errors import UserError
+from simvg.inference.commands import load_grounder, model_arguments
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -173,10 +174,7 @@ def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--checkpoint", default=None, help="model folder, .pth or .onnx (default: embedded model)")
-    parser.add_argument("--branch", choices=("token", "decoder"), default="token", help="default branch")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--score-threshold", type=float, default=0.7, help="GREC: keep boxes scoring at least this")
+    model_arguments(parser)
     defaults = ServeLimits()
     parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20)
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
@@ -188,8 +186,6 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from simvg.inference.grounder import Grounder
-
     if args.queue_size < 1 or args.timeout <= 0 or args.max_upload_mb <= 0:
         raise UserError("--queue-size, --timeout and --max-upload-mb must be positive")
     limits = ServeLimits(
@@ -199,14 +195,7 @@ def serve_command(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         timeout_s=args.timeout,
     )
-    grounder = Grounder.from_checkpoint(
-        args.checkpoint,
-        device=args.device,
-        branch=args.branch,
-        score_threshold=args.score_threshold,
-        max_pixels=limits.max_pixels,
-        max_text_chars=limits.max_text_chars,
-    )
+    grounder = load_grounder(args, max_pixels=limits.max_pixels, max_text_chars=limits.max_text_chars)
     from PIL import Image
 
     grounder.ground(Image.new("RGB", (64, 64)), "a")  # the first forward is slow; pay it before any user does

@@ -13,18 +13,18 @@ prove that a crash mid-write resumes from the previous checkpoint.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
+import pickle
 import random
-import shutil
 import signal
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from simvg.errors import UserError
@@ -67,23 +67,41 @@ def _maybe_inject_fault() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a crash at any
+    instant leaves the previous file or the new one, never a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
             _maybe_inject_fault()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; honour the umask like an ordinary open()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -103,29 +121,39 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_torch_save({"version": FORMAT_VERSION, **state}, path)
 
 
+# numpy scalars and dtypes are plain data; files written by other code (the official SimVG trainer logs metrics
+# that may be numpy floats) carry them, and torch's weights_only unpickler refuses them unless they are allowed.
+_SAFE_NUMPY = [np.dtype, *{type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")}]
+_SAFE_NUMPY.append(np._core.multiarray.scalar)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on CPU with ``weights_only=True``; a missing or unreadable file is a ``UserError``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's unpickler raises many types (IndexError, UnpicklingError...) on garbage
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first_line})") from None
+        # torch warns about pickle protocols it did not write (the official files): noise, not the user's problem.
+        with torch.serialization.safe_globals(_SAFE_NUMPY), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise UserError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint (it holds Python objects beyond tensors and plain data, "
+            "which are never unpickled here)"
+        ) from None
+    except Exception as exc:  # torch's unpickler raises many types (IndexError, RuntimeError...) on garbage
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
     return obj
 
 
-def model_state_from(obj: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The model state dict inside a loaded checkpoint: ours, or an official/other one with "model"/"state_dict"."""
-    if use_ema and obj.get("ema"):
-        return clean_state_dict(obj["ema"]["module"])
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj.get(key), dict):
-            return clean_state_dict(obj[key])
-    return clean_state_dict(obj)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -215,58 +243,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
-
-
-def export_weights(
-    checkpoint: str | Path, out_dir: str | Path, use_ema: bool | None = None, half: bool = False
-) -> Path:
-    """Write ``out_dir/model.safetensors`` + ``out_dir/config.yaml`` from a training checkpoint, for shipping.
-
-    ``use_ema=None`` takes the EMA weights when the checkpoint has them (they are what validation selected).
-    ``half=True`` stores floating-point tensors as fp16 (half the size, for shipping in the repository); loading
-    casts them back to the model's dtype. Returns the path of the weights file.
-    """
-    from safetensors.torch import save_file
-
-    obj = load_checkpoint(checkpoint)
-    if "config" not in obj:
-        raise UserError(f"{checkpoint}: no config inside; only checkpoints written by 'simvg train' can be exported")
-    ema = bool(obj.get("ema")) if use_ema is None else use_ema
-    if ema and not obj.get("ema"):
-        raise UserError(f"{checkpoint}: use_ema requested but the checkpoint holds no EMA weights")
-    state = model_state_from(obj, use_ema=ema)
-    # safetensors refuses shared or non-contiguous storage; a contiguous copy of each tensor is always valid.
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    if half:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / "model.safetensors"
-    metadata = {"format": "simvg", "version": str(FORMAT_VERSION), "weights": "ema" if ema else "raw"}
-    save_file(tensors, str(weights), metadata=metadata)
-    (out / "config.yaml").write_text(yaml.safe_dump(shipped_config(obj["config"]), sort_keys=False))
-    _copy_tokenizer(obj["config"], out)
-    return weights
-
-
-def shipped_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The run's config without its starting weights: the exported folder holds every weight, so a loader must
-    not look for the BEiT-3 file or the stage-1 checkpoint the run started from."""
-    config = copy.deepcopy(config)
-    model = config.get("model")
-    if isinstance(model, dict):
-        model.update({k: None for k in ("pretrained", "init_from") if k in model})
-        if "init_reset" in model:
-            model["init_reset"] = []
-    return config
-
-
-def _copy_tokenizer(config: dict[str, Any], out: Path) -> None:
-    """Put the run's sentencepiece model beside the weights, so the folder is complete on its own.
-
-    When the run's tokenizer is no longer on disk the folder still loads where the config's path resolves.
-    """
-    data = config.get("data", {})
-    source = Path(data.get("tokenizer") or Path(data.get("root", ".")) / "tokenizer.spm")
-    if source.is_file():
-        shutil.copyfile(source, out / "tokenizer.spm")
