@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from engine_data import make_config, make_dataset, write_config
+from grounding_helpers import make_tokenizer, scene
+from safetensors.torch import load_file, save_file
 
+from simvg import load_model
+from simvg.cli import main
+from simvg.engine.train import init_weights
 from simvg.errors import UserError
 from simvg.models import SimVG, model_config
 from simvg.models.official import DROPPED, infer_config, official_name_to_ours, official_to_ours
@@ -69,3 +77,203 @@ def test_an_unknown_official_name_is_an_error_naming_it():
     layer = "head.transformer.decoder.layers.0.attentions.2.attn.in_proj_weight"  # a third attention: not ours
     with pytest.raises(UserError, match="attentions.2"):
         official_name_to_ours(layer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output parity with the authors' model (tensors computed by their code: tests/fixtures/README.md)
+
+PARITY_TOL = 1e-5  # fp32, the same operations in another order: measured 5e-7
+
+
+def parity_fixture(task: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(official state dict, every other tensor) of ``official_tiny_{task}.safetensors``."""
+    tensors = load_file(FIXTURES / f"official_tiny_{task}.safetensors")
+    state = {k.removeprefix("state_dict/"): v for k, v in tensors.items() if k.startswith("state_dict/")}
+    return state, {k: v for k, v in tensors.items() if not k.startswith("state_dict/")}
+
+
+@pytest.mark.parametrize("task", ["rec", "grec"])
+def test_official_weights_give_the_official_outputs(task):
+    """Both branches, an unpadded and two padded expressions: our model with the official weights (mapped, the
+    architecture inferred, text_pool/text_pos "official") reproduces the authors' forward pass. A wrong name in the
+    map, a transposed tensor or a missing B1/B2 emulation moves these outputs by far more than the tolerance."""
+    state, io = parity_fixture(task)
+    cfg = infer_config(official_to_ours(state))
+    assert (cfg.num_queries, cfg.encoder.img_size, cfg.encoder.patch_size) == ((1 if task == "rec" else 10), 64, 16)
+    model = SimVG(cfg).eval()
+    model.load_state_dict(official_to_ours(state), strict=True)
+    mask = io["input/text_pad_mask"].bool()
+    assert not mask[0].any() and mask[1:].any(dim=1).all()
+    with torch.no_grad():
+        out = model(io["input/image"], io["input/text_ids"], mask)
+    for branch in ("decoder", "token"):
+        torch.testing.assert_close(out[branch]["pred_logits"], io[f"output/{branch}_logits"], atol=PARITY_TOL, rtol=0)
+        torch.testing.assert_close(out[branch]["pred_boxes"], io[f"output/{branch}_boxes"], atol=PARITY_TOL, rtol=0)
+    # Given a bool mask, the official pooling is a real masked max: our default ("max") equals it there.
+    fixed = SimVG(dataclasses.replace(cfg, text_pool="max")).eval()
+    fixed.load_state_dict(official_to_ours(state), strict=True)
+    with torch.no_grad():
+        out = fixed(io["input/image"], io["input/text_ids"], mask)
+    for branch in ("decoder", "token"):
+        want = io[f"output_bool_mask/{branch}_logits"]
+        torch.testing.assert_close(out[branch]["pred_logits"], want, atol=PARITY_TOL, rtol=0)
+        assert (want - io[f"output/{branch}_logits"]).abs().max() > 100 * PARITY_TOL  # the two poolings differ
+
+
+def official_checkpoint(state: dict[str, torch.Tensor], seed: int = 2) -> dict:
+    """The dict the official ``save_checkpoint`` writes after DDP training: ``module.`` names, an EMA shadow."""
+    gen = torch.Generator().manual_seed(seed)
+    ema = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in state.items()}
+    return {
+        "epoch": 3, "d_acc": 81.2, "miou": 0.0, "best_d_acc": 81.2, "best_miou": 0.0, "amp": False, "lr": 5e-4,
+        "state_dict": {"module." + k: v for k, v in state.items()},
+        "ema_state_dict": {"module." + k: v for k, v in ema.items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0, 1]}, {"lr": 5e-4, "params": [2]}]},
+        "scheduler": {"last_epoch": 3, "lr_lambdas": [None, None, None]},
+    }  # fmt: skip
+
+
+def _outputs(model: SimVG, io: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(io["input/image"], io["input/text_ids"], io["input/text_pad_mask"].bool())
+    return torch.cat([out[b][k].flatten() for b in ("decoder", "token") for k in ("pred_logits", "pred_boxes")])
+
+
+def test_official_checkpoint_layouts_load_with_ema_by_default(tmp_path, caplog):
+    state, io = parity_fixture("rec")
+    ckpt = official_checkpoint(state)
+    torch.save(ckpt, tmp_path / "simvg_l32_grec.pth")  # a misleading name: the architecture comes from tensors
+    torch.save(ckpt["state_dict"], tmp_path / "bare_ddp.pth")
+    torch.save(state, tmp_path / "bare.pth")
+    save_file(state, str(tmp_path / "official.safetensors"))
+    want_raw = torch.cat([io[f"output/{b}_{k}"].flatten() for b in ("decoder", "token") for k in ("logits", "boxes")])
+
+    with caplog.at_level("INFO", logger="simvg"):
+        ema = load_model(tmp_path / "simvg_l32_grec.pth")  # "auto": the EMA shadow, as the official test evaluates
+    assert "text_pool and text_pos set to 'official'" in caplog.text and "ema weights" in caplog.text
+    assert ema.cfg.num_queries == 1 and not ema.training
+    ema_ref = SimVG(ema.cfg).eval()
+    ema_ref.load_state_dict(official_to_ours(ckpt["ema_state_dict"]))
+    assert torch.equal(_outputs(ema, io), _outputs(ema_ref, io))
+    assert (_outputs(ema, io) - want_raw).abs().max() > 1e-3  # the EMA weights really differ
+    for path, kw in (("simvg_l32_grec.pth", dict(weights="raw")), ("bare_ddp.pth", {}), ("bare.pth", {}),
+                     ("official.safetensors", {})):  # fmt: skip
+        got = _outputs(load_model(tmp_path / path, **kw), io)
+        torch.testing.assert_close(got, want_raw, atol=PARITY_TOL, rtol=0, msg=path)
+    with pytest.raises(UserError, match="bare.pth: EMA weights asked for, but a bare state dict holds no EMA"):
+        load_model(tmp_path / "bare.pth", weights="ema")
+
+
+def test_broken_and_foreign_files_are_one_clear_error(tmp_path):
+    state, _ = parity_fixture("rec")
+    torch.save(official_checkpoint(state), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError, match="truncated.pth: not a readable checkpoint"):
+        load_model(tmp_path / "truncated.pth")
+    torch.save({"model_state": {"backbone.conv1.weight": torch.zeros(1)}, "epoch": 1}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match=r"other.pth: not a SimVG checkpoint .*top-level keys: epoch, model_state"):
+        load_model(tmp_path / "other.pth")
+    missing = dict(state)
+    del missing["head.bbox_embed_token.layers.2.weight"]
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="missing.pth.*token.bbox_embed.layers.2.weight"):
+        load_model(tmp_path / "missing.pth")
+    extra = dict(state, **{"head.new_branch.weight": torch.zeros(2)})
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(UserError, match="extra.pth: unknown official SimVG weight 'head.new_branch.weight'"):
+        load_model(tmp_path / "extra.pth")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# official files through the command line, export, eval and training init
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    """The tiny official REC and GREC models as official checkpoints, a tokenizer that fits them, a picture."""
+    root = tmp_path_factory.mktemp("official")
+    for task in ("rec", "grec"):
+        torch.save(official_checkpoint(parity_fixture(task)[0]), root / f"official_{task}.pth")
+    tokenizer = make_tokenizer(root)
+    scene(96, 64).save(root / "photo.png")
+    return root, tokenizer
+
+
+def _ground_json(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    assert main(["ground", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ground_and_export_of_an_official_file(official_files, tmp_path, capsys):
+    root, tokenizer = official_files
+    photo, ckpt = str(root / "photo.png"), str(root / "official_rec.pth")
+    direct = _ground_json(capsys, photo, "the red circle", "--checkpoint", ckpt, "--tokenizer", str(tokenizer))
+    assert len(direct["boxes"]) == 1 and direct["branch"] == "decoder"  # the model's default branch
+    assert "the authors' released SimVG weights" in direct["trained_on"] and "official_rec.pth" in direct["trained_on"]
+
+    out = tmp_path / "folder"
+    assert main(["export", "weights", "--checkpoint", ckpt, "--tokenizer", str(tokenizer), "--out", str(out)]) == 0
+    spec = yaml.safe_load((out / "model.yaml").read_text())
+    assert spec["architecture"]["text_pool"] == spec["architecture"]["text_pos"] == "official"
+    assert spec["weights"] == "ema" and spec["tokenizer"] == "tokenizer.spm"
+    assert _ground_json(capsys, photo, "the red circle", "--checkpoint", str(out)) == direct
+    for branch in ("token", "decoder"):
+        a = _ground_json(capsys, photo, "the red circle", "--checkpoint", ckpt, "--tokenizer", str(tokenizer),
+                         "--branch", branch)  # fmt: skip
+        assert _ground_json(capsys, photo, "the red circle", "--checkpoint", str(out), "--branch", branch) == a
+
+
+def test_official_file_errors_on_the_command_line(official_files, tmp_path, capsys):
+    root, tokenizer = official_files
+    photo, ckpt = str(root / "photo.png"), str(root / "official_rec.pth")
+    capsys.readouterr()
+    assert main(["ground", photo, "a", "--checkpoint", ckpt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no tokenizer comes with this model; pass --tokenizer SPM" in err
+    # a tokenizer with more ids than the embedding has rows (a shortened official text table)
+    state = parity_fixture("rec")[0]
+    state["vis_enc.beit3.text_embed.weight"] = state["vis_enc.beit3.text_embed.weight"][:40]
+    torch.save(state, tmp_path / "short_vocab.pth")
+    assert main(["ground", photo, "a", "--checkpoint", str(tmp_path / "short_vocab.pth"), "--tokenizer",
+                 str(tokenizer)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(
+        r"tokenizer.spm: \d+ token ids but the model's text embedding has 40 rows", err
+    )
+    assert main(["ground", photo, "a", "--checkpoint", ckpt, "--tokenizer", str(tmp_path / "nope.spm")]) == 2
+    assert "nope.spm: tokenizer not found" in capsys.readouterr().err
+
+
+def test_eval_of_official_files_with_a_dataset_config(official_files, tmp_path, capsys):
+    root, _ = official_files
+    data = make_dataset(tmp_path / "data", "rec")
+    config = write_config(make_config(data, tmp_path / "run"), tmp_path / "rec.yaml")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(root / "official_rec.pth"), "--config", str(config), "--split", "val",
+                 "--json"]) == 0  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["num_samples"] == 8
+    assert (
+        main(["eval", "--checkpoint", str(root / "official_grec.pth"), "--config", str(config), "--split", "val"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "a GREC model (10 queries) cannot be evaluated on synthref, a REC dataset" in err
+
+
+def test_training_starts_from_an_official_file(official_files, caplog):
+    """model.init_from with an official file: the pre-train -> fine-tune flow (raw weights, as the official
+    finetune_from loads them, unless init_use_ema)."""
+    root, _ = official_files
+    state = parity_fixture("rec")[0]
+    cfg = dataclasses.replace(infer_config(official_to_ours(state), official=False))
+    model = SimVG(cfg)  # a fine-tuning run: the fixed pooling and positions, the official architecture
+    with caplog.at_level("INFO", logger="simvg"):
+        init_weights(model, str(root / "official_rec.pth"), use_ema=False)
+    assert "official SimVG checkpoint" in caplog.text and "missing" not in caplog.text
+    for name, value in official_to_ours(state).items():
+        assert torch.equal(model.state_dict()[name], value), name
+    init_weights(model, str(root / "official_rec.pth"), use_ema=True)
+    ema = official_to_ours(official_checkpoint(state)["ema_state_dict"])
+    assert torch.equal(model.state_dict()["decoder.class_embed.weight"], ema["decoder.class_embed.weight"])

@@ -238,8 +238,7 @@ def _assert_aligned(pixels: np.ndarray, meta: dict, box: list[int]) -> tuple[int
     drawn = [int(mx.min()), int(my.min()), int(mx.max()) + 1, int(my.max()) + 1] if len(mx) else []
     assert np.array_equal(marked, expected), f"box {[bx1, by1, bx2, by2]} but the rectangle's pixels span {drawn}"
     # and the map back returns the original box (clipped to what the input shows)
-    x1, y1, x2, y2 = boxes_to_original(meta["boxes"], meta)[0].tolist()
-    back = [min(x1, x2), y1, max(x1, x2), y2]  # a flip maps x1 and x2 back swapped
+    back = boxes_to_original(meta["boxes"], meta)[0].tolist()  # x1 <= x2 even after a flip (sx < 0)
     clipped = [max(box[0], shown[0]), max(box[1], shown[1]), min(box[2], shown[2]), min(box[3], shown[3])]
     assert back == pytest.approx(clipped, abs=1e-3), f"mapped back to {back}, the original box is {clipped}"
     return shown
@@ -310,7 +309,7 @@ def test_flip_after_letterbox_maps_back():
     assert flipped.affine == (-1.0, 1.0, 50.0, 0.0)
     image, meta = ToTensorNormalize()(flipped)
     back = boxes_to_original(meta["boxes"], meta)[0]
-    assert back.tolist() == pytest.approx([15.0, 10.0, 5.0, 30.0], abs=1e-4)  # x1 / x2 come back swapped
+    assert back.tolist() == pytest.approx([5.0, 10.0, 15.0, 30.0], abs=1e-4)  # the corners sorted, not swapped
     assert _assert_aligned(_pixels(image, DataConfig()), meta, box) == (0, 0, 40, 60)
 
 

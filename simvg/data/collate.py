@@ -57,6 +57,9 @@ def boxes_to_original(boxes_cxcywh: Tensor, target: dict[str, Any]) -> Tensor:
     sx, sy, dx, dy = (float(v) for v in target["input_to_orig"])
     xyxy = box_cxcywh_to_xyxy(boxes_cxcywh) * boxes_cxcywh.new_tensor([w, h, w, h])
     xyxy = (xyxy - xyxy.new_tensor([dx, dy, dx, dy])) / xyxy.new_tensor([sx, sy, sx, sy])
+    # A flip (sx < 0) swaps the corners; sort them so that x1 <= x2 and y1 <= y2 whatever the affine.
+    x, y = xyxy[..., 0::2].sort(-1).values, xyxy[..., 1::2].sort(-1).values
+    xyxy = torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), -1)
     oh, ow = (float(v) for v in target["orig_size"])
     limit = xyxy.new_tensor([ow, oh, ow, oh])
     return torch.minimum(xyxy.clamp(min=0), limit)

@@ -8,7 +8,9 @@ steps, exact resume at a step boundary, and a clear stop on a non-finite loss.
 Exact resume: the sample order of an epoch is a permutation drawn from (seed, epoch) and sharded over ranks the
 way ``DistributedSampler`` does it, and the dataset draws expressions and augmentation from (seed, epoch, index);
 a resumed run skips the batches already trained and restores every RNG, so it sees the same batches as an
-uninterrupted one. The same global batch split over K processes gives the same update as one process.
+uninterrupted one. The same global batch split over K processes gives the same update as one process, except
+with DWBD's dynamic weight: like the official code, ``w`` is the mean over each process's own batch, so K processes
+weight the distillation per shard (docs/design.md B6).
 """
 
 from __future__ import annotations

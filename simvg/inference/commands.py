@@ -69,6 +69,8 @@ def _describe(result) -> str:
     for box, score in zip(result.boxes, result.scores):
         lines.append(f"  box x1={box[0]:.1f} y1={box[1]:.1f} x2={box[2]:.1f} y2={box[3]:.1f}  score {score:.3f}")
     lines += [f"  note: {w}" for w in result.warnings]
+    if result.trained_on:
+        lines.append(f"  model trained on: {result.trained_on}")
     return "\n".join(lines)
 
 
@@ -92,8 +94,8 @@ def ground_command(args: argparse.Namespace) -> int:
     print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else _describe(result))
     if args.out:
         if args.compare:
-            other = grounder.ground(image, args.text, branch="decoder" if args.branch == "token" else "token")
-            token, decoder = (result, other) if args.branch == "token" else (other, result)
+            other = grounder.ground(image, args.text, branch="decoder" if result.branch == "token" else "token")
+            token, decoder = (result, other) if result.branch == "token" else (other, result)
             _save_image(draw_comparison(image, token, decoder), args.out)
         else:
             _save_image(draw_result(image, result), args.out)

@@ -45,6 +45,7 @@ class GroundingResult:
     num_tokens: int  # text tokens the model saw (BOS/EOS included)
     truncated: bool  # the expression was longer than the model's text length and was cut
     warnings: list[str] = field(default_factory=list)
+    trained_on: str = ""  # the model's provenance (model.yaml), so that no answer hides what the model knows
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (boxes rounded to 0.01 px, scores to 1e-4)."""
@@ -61,6 +62,7 @@ class GroundingResult:
             "num_tokens": self.num_tokens,
             "truncated": self.truncated,
             "warnings": list(self.warnings),
+            "trained_on": self.trained_on,
         }
 
 
@@ -193,4 +195,5 @@ class Grounder:
             num_tokens=info["num_tokens"],
             truncated=info["truncated"],
             warnings=info["warnings"],
+            trained_on=self.spec.trained_on,
         )
