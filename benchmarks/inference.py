@@ -50,22 +50,18 @@ def rss_mb() -> float:
 def make_folder(preset: str, out: Path) -> Path:
     """A model folder (random weights) of ``preset`` with a small tokenizer, in the embedded default's format."""
     import torch
-    import yaml
-    from safetensors.torch import save_file
 
-    from simvg.config import Config, ModelSection, to_dict
-    from simvg.data.datasets import DataConfig
+    from simvg.artifact import ModelSpec, Preprocess, save_folder
     from simvg.data.tokenizer import train_tokenizer
     from simvg.models import create_model, model_config
 
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(CORPUS * 4, out / "tokenizer.spm", vocab_size=60)
-    size = model_config(preset).encoder.img_size
-    config = to_dict(Config(model=ModelSection(preset=preset), data=DataConfig(image_size=size)))
+    tokenizer = train_tokenizer(CORPUS * 4, out / "tokenizer.spm", vocab_size=60)
+    cfg = model_config(preset)
     torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in create_model(preset).state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "simvg"})
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    spec = ModelSpec(architecture=cfg, preprocess=Preprocess(image_size=cfg.encoder.img_size),
+                     trained_on="nothing: random weights for benchmarking")  # fmt: skip
+    save_folder(out, create_model(preset).state_dict(), spec, tokenizer)
     return out
 
 

@@ -3,7 +3,7 @@
 ``Config(model, data, loss, train, eval)``: ``model`` names a preset of ``simvg.models.create_model`` plus overrides
 and the weights to start from; ``data`` is ``simvg.data.datasets.DataConfig``; ``loss`` is
 ``simvg.losses.LossConfig``; ``train`` and ``eval`` are defined here. Files are complete (no ``_base_``
-inheritance, style-anchors.md 7.3), so every effective value is visible in one file. Unknown keys and wrong
+inheritance, docs/design.md S7.3), so every effective value is visible in one file. Unknown keys and wrong
 types raise ``UserError`` naming the key and the file; ``--set`` values are parsed with ``yaml.safe_load``.
 """
 
@@ -30,9 +30,10 @@ class ModelSection:
 
     ``preset`` names an entry of ``simvg.models.MODEL_PRESETS``; ``overrides`` replaces fields of its
     ``SimVGConfig`` (nested dicts for nested dataclasses, e.g. ``{"encoder": {"drop_path_rate": 0.0}}``).
-    ``pretrained`` is a BEiT-3 checkpoint loaded into the encoder; ``init_from`` a ``simvg`` (or official)
-    checkpoint loaded into the whole model before training (stage 2, fine-tuning); ``init_use_ema`` takes its EMA
-    weights instead of the raw ones (the official stage 2 ignores EMA, simvg.md B15). ``init_reset`` lists key
+    ``pretrained`` is a BEiT-3 checkpoint loaded into the encoder; ``init_from`` any model file ``simvg.artifact``
+    reads (a run, a model folder, an official SimVG checkpoint) loaded into the whole model before training (stage 2,
+    fine-tuning, the official pre-train -> fine-tune flow); ``init_use_ema`` takes its EMA
+    weights instead of the raw ones (the official stage 2 ignores EMA, docs/design.md B15). ``init_reset`` lists key
     prefixes of the model that keep their fresh initialisation instead (e.g. ``tqg.query_embed`` to start a GREC
     model, 10 queries, from a REC one, 1 query); any other shape mismatch is an error.
     """

@@ -37,7 +37,7 @@ def inputs(batch: int = 2, length: int = 7, seed: int = 1):
 
 
 def reference_forward(model: BEiT3, image, ids, pad) -> torch.Tensor:
-    """Written from beit3.md section 1 without the module code: one sequence, split/concat at every multiway module."""
+    """Written from docs/design.md E1 without the module code: one sequence, split/concat at every multiway module."""
     cfg, p = model.cfg, dict(model.named_parameters())
     batch = image.shape[0]
     patches = F.conv2d(image, p["vision_embed.proj.weight"], p["vision_embed.proj.bias"], stride=cfg.patch_size)

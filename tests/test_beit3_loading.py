@@ -1,4 +1,4 @@
-"""Loading official-layout BEiT-3 checkpoints: key names from beit3.md section 1.7, unwrapping, ignored heads,
+"""Loading official-layout BEiT-3 checkpoints: key names from docs/design.md E1.7, unwrapping, ignored heads,
 224/p16 -> 640/p32 resampling, .safetensors, refusal of pickle-only files, and one-line errors naming file/key."""
 
 import argparse
@@ -14,7 +14,7 @@ EXTRA_KEYS = {"mlm_head.weight": (10, 64), "beit3.pooler.dense.weight": (64, 64)
 
 
 def official_shapes(cfg: BEiT3Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor of torchscale's BEiT3 state dict (beit3.md section 1.7), built from the documentation."""
+    """Every tensor of torchscale's BEiT3 state dict (docs/design.md E1.7), built from the documentation."""
     d, f, grid = cfg.embed_dim, cfg.ffn_dim, cfg.img_size // cfg.patch_size
     shapes = {
         "text_embed.weight": (cfg.vocab_size, d),
@@ -57,7 +57,7 @@ def test_module_tree_matches_the_official_key_list():
     cfg = beit3_config("tiny")
     model_shapes = {k: tuple(v.shape) for k, v in BEiT3(cfg).state_dict().items()}
     assert model_shapes == official_shapes(cfg)
-    assert len(official_shapes(beit3_config("base"))) == 491  # the count beit3.md reports for base
+    assert len(official_shapes(beit3_config("base"))) == 491  # the count docs/design.md E1.7 reports for base
 
 
 def test_official_layout_loads_completely_and_reports_extra_keys(tmp_path):

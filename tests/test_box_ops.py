@@ -25,7 +25,7 @@ def test_iou_and_giou_hand_values():
 
 
 def test_diagonal_disjoint_boxes_do_not_overlap():
-    # The official LSJ multiplied two negative extents into a positive "overlap" (simvg.md B4).
+    # The official LSJ multiplied two negative extents into a positive "overlap" (docs/design.md B4).
     a = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     b = torch.tensor([[2.0, 2.0, 3.0, 3.0]])
     assert B.box_iou(a, b).item() == 0.0

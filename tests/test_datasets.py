@@ -257,7 +257,7 @@ def test_mixed_sources_and_vg_alias(tmp_path):
     root = _mixed_root(tmp_path)
     cfg = DataConfig(dataset="mixed", root=str(root), image_size=32, lsj=False)
     mixed = build_dataset(cfg, "train", True, TOK)
-    assert len(mixed) == 4  # both spellings of Visual Genome are kept (simvg.md B9)
+    assert len(mixed) == 4  # both spellings of Visual Genome are kept (docs/design.md B9)
     assert mixed.stats["data_sources"] == {"coco": 1, "vg": 2, "flickr": 1}
     assert all(ds[3]["image_id"] for ds in (mixed[i] for i in range(4)))  # every source's image is found
     only_vg = build_dataset(

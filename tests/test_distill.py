@@ -130,7 +130,7 @@ def test_no_gradient_reaches_the_decoder_through_pseudo_targets():
 
 def test_teacher_weight_is_mean_over_all_matched_pairs_not_per_image():
     """Catches a DWBD weight averaged per image (mean of per-image means) instead of over all matched pairs of the
-    batch, which is what the docstring and simvg.md 3.2 say.
+    batch, which is what the docstring and docs/design.md O3.2 say.
 
     Image 0 has two targets, both predicted exactly: p*IoU = 0.8 * 1 and 0.6 * 1. Image 1 has one target,
     predicted with IoU 1/3 at p = 0.5: 0.5/3. Image 2 has no target (no pair; it must not count at all).

@@ -1,4 +1,4 @@
-"""REC and GREC metrics on hand-built cases (peers.md section 3), including SimVG's per-batch bug B5."""
+"""REC and GREC metrics on hand-built cases (docs/design.md P3), including SimVG's per-batch bug B5."""
 
 import pytest
 import torch

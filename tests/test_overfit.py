@@ -10,7 +10,7 @@ from simvg.losses import SimVGLoss
 from simvg.models import create_model
 from simvg.utils.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou
 
-MAX_STEPS, LR, SIDE = 300, 2e-3, 64
+MAX_STEPS, LR, SIDE = 500, 2e-3, 64
 
 
 def _fixed_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Reports, per split, the entry and expression counts (against the published expression counts when the dataset
 is known: SimVG#12 was a user unsure whether a converted file was complete), the ``data_source`` values of mixed
-sets (simvg.md B9), bad boxes (NaN, non-positive size, outside the image), empty expressions, and images that are
+sets (docs/design.md B9), bad boxes (NaN, non-positive size, outside the image), empty expressions, and images that are
 missing, unreadable (each one is opened and decoded; ``--quick`` only checks that the file exists and is not
 empty) or whose size disagrees with the annotation. Exit status 0 when clean, 2 when a problem was found.
 """

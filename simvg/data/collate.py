@@ -1,7 +1,7 @@
 """The data -> engine contract: one ``Batch`` dataclass and the collate function that builds it.
 
 A dataset sample is ``(image [3,H,W] float, text_ids [L] long, text_pad_mask [L] bool, target dict)``.
-The target dict follows DETR's convention (style-anchors.md 7.2):
+The target dict follows DETR's convention (docs/design.md S7.2):
 
 - ``boxes``         [n, 4] float, cxcywh normalised to the network input (H, W); n == 1 for REC, n >= 0 for GREC
 - ``labels``        [n] long, all 0 (the single "object" class; index 1 of the logits is "no object")

@@ -1,4 +1,4 @@
-"""``simvg data convert``: other annotation formats -> the ``instances.json`` layout (formats.py, peers.md 4).
+"""``simvg data convert``: other annotation formats -> the ``instances.json`` layout (formats.py, docs/design.md P4).
 
 Sources and their box conventions (every output box is COCO xywh in original pixels):
 

@@ -1,6 +1,6 @@
 """Grounding datasets over the ``instances.json`` layout, and their data loaders.
 
-Sampling follows SeqTR/SimVG (simvg.md 4.1, peers.md 4.4): a *train* item is one entry (one referred object for
+Sampling follows SeqTR/SimVG (docs/design.md O4.1, P4.4): a *train* item is one entry (one referred object for
 REC, one image for GREC train files) and one of its expressions is drawn on every visit; an *eval* item is one
 expression (entries holding several expressions are expanded, never sampled). The draw and the augmentation use a
 generator seeded by (seed, epoch, index), so results do not depend on the number of workers or their order.
@@ -299,7 +299,7 @@ class EpochShuffleSampler(Sampler[int]):
 
 class ShardSampler(Sampler[int]):
     """Eval sharding without padding: rank r gets indices r, r + world, ... (every sample exactly once overall;
-    ``DistributedSampler`` would duplicate samples to even the shards out, simvg.md B12)."""
+    ``DistributedSampler`` would duplicate samples to even the shards out, docs/design.md B12)."""
 
     def __init__(self, length: int, rank: int, world_size: int) -> None:
         self.indices = list(range(rank, length, world_size))

@@ -1,6 +1,6 @@
 """Dataset specs and the ``instances.json`` reader shared by the datasets, ``data check`` and ``data convert``.
 
-The layout is SeqTR/SimVG's (simvg.md section 6): a JSON object ``{split: [entry, ...]}``.
+The layout is SeqTR/SimVG's (docs/design.md O6): a JSON object ``{split: [entry, ...]}``.
 
 - REC entry: ``{"image_id", "bbox": [x, y, w, h], "expressions": [str, ...], "height", "width", ...}``; train
   entries are per object with all its expressions, val/test entries hold one expression (we expand any entry
@@ -35,7 +35,7 @@ COCO_DIR = "images/mscoco/train2014"
 COCO_NAME = "COCO_train2014_{image_id:012d}.jpg"
 
 # data_source value -> (image folder under the data root, file-name pattern); "vg" and "visual-genome" are the
-# same source: SeqTR's json uses "vg" while SimVG's pre-training filter lists "visual-genome" (simvg.md B9).
+# same source: SeqTR's json uses "vg" while SimVG's pre-training filter lists "visual-genome" (docs/design.md B9).
 SOURCE_IMAGES: dict[str, tuple[str, str]] = {
     "coco": (COCO_DIR, COCO_NAME),
     "flickr": ("images/flickr30k", "{image_id}.jpg"),

@@ -13,7 +13,7 @@ Splits hold disjoint images (train first, then val, testA, testB, in that order 
 attribute expressions (shape, colour, size, size superlatives), testB only spatial ones (extreme positions, ordinals,
 relations). REC: a train entry per object with up to 4 expressions, a val/test entry per object with one. GREC: a
 train entry per image with all its expressions, a val/test entry per expression; about 60% single-target, 29%
-multi-target and 11% no-target expressions (gRefCOCO: 28.8% and 11.6%, docs/reference/peers.md section 4).
+multi-target and 11% no-target expressions (gRefCOCO: 28.8% and 11.6%, docs/design.md P4.2).
 
 Every expression is resolved on its scene (synthref_lang) and kept only if it picks its targets with a clear margin.
 Each image draws from its own generator seeded by (seed, image index), so the output does not depend on the number

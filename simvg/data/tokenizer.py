@@ -3,7 +3,7 @@
 BEiT-3 (microsoft/unilm) and SimVG load ``beit3.spm`` through ``transformers.XLMRobertaTokenizer``, whose ids follow
 fairseq's dictionary: ``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, and every other piece = its
 sentencepiece id + 1 (sentencepiece's own ``<unk>``, id 0, maps to 3). We reproduce that mapping without
-transformers, whose 5.x releases no longer load a bare ``.spm`` file correctly (docs/reference/beit3.md section 2).
+transformers, whose 5.x releases no longer load a bare ``.spm`` file correctly (docs/design.md E2).
 
 A sequence is built as in SimVG's ``LoadFromRawSource``: clean the expression (lower-case; delete ``.,'!?"()*#:;``;
 ``-`` and ``/`` become spaces), encode, truncate to ``max_len - 2`` pieces, wrap in ``<s> ... </s>`` and right-pad

@@ -8,7 +8,7 @@ image tensor [3, H, W] plus the target fields ``boxes`` (cxcywh normalised), ``s
 ``input_to_orig`` of the collate.py contract; ``input_to_orig`` is that affine, exact for every resize, crop and
 pad (a horizontal flip makes ``sx`` negative, so train-time flipped boxes map back mirrored).
 
-Pipelines (simvg.md 4.1): test = Resize to S x S (stretched by default, like the official ``keep_ratio=False``;
+Pipelines (docs/design.md O4.1): test = Resize to S x S (stretched by default, like the official ``keep_ratio=False``;
 or letterboxed) + Normalize; train = [LargeScaleJitter] + [RandomHorizontalFlip] + the same Resize + Normalize.
 """
 
@@ -103,7 +103,7 @@ def crop_coverage(boxes: np.ndarray, crops: np.ndarray) -> np.ndarray:
     """Fraction of each box's area inside each crop, min over boxes: boxes [n, 4], crops [k, 4] xyxy -> [k].
 
     The overlap is clamped at 0 per axis, so a crop lying diagonally away from a box covers 0 of it (the
-    official ``_bbox_overlaps`` multiplied two negative extents into a positive area, simvg.md B4a). With no
+    official ``_bbox_overlaps`` multiplied two negative extents into a positive area, docs/design.md B4a). With no
     boxes (a no-target GREC sample) every crop has coverage 1. NumPy, not torch: this runs up to 500 times per
     sample on tiny arrays, where torch's per-call overhead dominates.
     """
@@ -117,7 +117,7 @@ def crop_coverage(boxes: np.ndarray, crops: np.ndarray) -> np.ndarray:
 
 
 class LargeScaleJitter:
-    """SimVG's LargeScaleJitter (simvg.md 4.1) with the B4 bugs fixed.
+    """SimVG's LargeScaleJitter (docs/design.md O4.1) with the B4 bugs fixed.
 
     Draw ``s ~ U(jitter_min, jitter_max)`` and rescale so the long side is ``out_max_size * s``. If ``s > 1``, crop
     a window of the size the image has at long side ``out_max_size``: for each coverage threshold (0.9 ... 0.5)

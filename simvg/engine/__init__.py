@@ -1,4 +1,4 @@
-"""Training and evaluation engine (free functions, no Trainer hierarchy; style-anchors.md 7.2).
+"""Training and evaluation engine (free functions, no Trainer hierarchy; docs/design.md S7.2).
 
 - ``train.fit(cfg, resume=False)``: the training loop (single process or torchrun + DDP), checkpoints, resume.
 - ``evaluate.evaluate(model, loader, device, task, branch) -> dict``: split-level REC/GREC metrics per branch.

@@ -1,4 +1,4 @@
-"""Split-level evaluation of one or both branches (simvg.md section 7, peers.md section 3).
+"""Split-level evaluation of one or both branches (docs/design.md O7, P3).
 
 ``evaluate`` runs the model over a loader, judges every expression in original-image pixels
 (``boxes_to_original``), gathers the per-expression results of all ranks keyed by ``sample_id`` (so a sample

@@ -1,10 +1,10 @@
 """Evaluation metrics as pure functions: REC Acc@0.5 and gRefCOCO's GREC metrics.
 
-REC (simvg.md section 7, peers.md 3a): one box per expression, correct when IoU(pred, gt) >= 0.5; the accuracy is
+REC (docs/design.md O7, P3a): one box per expression, correct when IoU(pred, gt) >= 0.5; the accuracy is
 correct expressions / all expressions over the whole split (the official code averages per-batch accuracies).
 
-GREC (peers.md 3b): a port of the *official* gRefCOCO ``RefExpEvaluator`` semantics, counted over the whole split.
-Per expression: keep predictions with score >= 0.7; a no-target expression is correct iff nothing is kept;
+GREC (docs/design.md P3b): a port of the *official* gRefCOCO ``RefExpEvaluator`` semantics, counted over the whole
+split. Per expression: keep predictions with score >= 0.7; a no-target expression is correct iff nothing is kept;
 otherwise predictions and ground truths are matched greedily by GIoU >= 0.5 (highest pair first, one-to-one), and
 the expression is correct iff F1 = 2TP / (2TP + FP + FN) reaches 1. Pr@(F1=1, IoU>=0.5) = correct / all;
 N-acc = no-target expressions with no kept box / no-target expressions; T-acc = target expressions with at least

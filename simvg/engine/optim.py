@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of the official recipe (simvg.md section 4.1).
+"""Optimiser and learning-rate schedule of the official recipe (docs/design.md O4.1).
 
 Adam(amsgrad, betas 0.9/0.98, eps 1e-9, no weight decay) with two parameter groups: the BEiT-3 encoder at
 ``lr * encoder_lr_scale`` (0.1) and everything else at ``lr``. ``MultiStepLRWarmUp`` multiplies the base rates by

@@ -1,6 +1,6 @@
 """The training loop: ``fit(cfg)`` for one process or many (torchrun + DistributedDataParallel).
 
-The recipe is the official one (simvg.md section 4): Adam(amsgrad) with the encoder at lr/10, warm-up + step
+The recipe is the official one (docs/design.md O4): Adam(amsgrad) with the encoder at lr/10, warm-up + step
 decay, gradient clipping 0.15, optional EMA, validation every epoch, ``best.pth`` by the validation score kept
 apart from ``last.pth``. Additions: autocast (bf16/fp16 on CUDA), opt-in ``torch.compile``, checkpoints every K
 steps, exact resume at a step boundary, and a clear stop on a non-finite loss.

@@ -1,4 +1,4 @@
-"""DETR's set criterion as SimVG uses it (simvg.md 3.1): weighted CE + L1 + GIoU over matched pairs.
+"""DETR's set criterion as SimVG uses it (docs/design.md O3.1): weighted CE + L1 + GIoU over matched pairs.
 
 For one branch output with final-layer predictions and optional ``aux_outputs`` the criterion returns the
 *weighted* terms ``loss_class``, ``loss_bbox``, ``loss_giou`` and, per auxiliary layer i, the same keys with the

@@ -1,4 +1,4 @@
-"""SimVG's total loss with Dynamic Weight-Balance Distillation (DWBD, simvg.md 3.2).
+"""SimVG's total loss with Dynamic Weight-Balance Distillation (DWBD, docs/design.md O3.2).
 
 The teacher is the model's own decoder branch (final layer, detached). ``teacher_targets`` turns its matched
 predictions into hard pseudo targets and the scalar ``w`` = mean over all matched pairs of (object probability x
@@ -7,7 +7,7 @@ IoU with the ground truth). The total is
     L = decoder * L(decoder, GT) + token * (1 - w) * L(token, GT) + distill * w * L(token, pseudo)
 
 where each ``L`` is the DETR set loss summed over supervised layers. ``w`` is 0 when nothing is matched (a GREC
-batch without targets; the official code gives NaN there, simvg.md B6). It is a per-process batch mean, as in the
+batch without targets; the official code gives NaN there, docs/design.md B6). It is a per-process batch mean, as in the
 official code.
 """
 

@@ -1,8 +1,8 @@
 """Hungarian matching between predicted queries and target boxes (DETR, Carion et al., ECCV 2020).
 
 The cost is detrex's ``HungarianMatcher`` with ``cost_class_type="ce_cost"`` as SimVG configures it
-(simvg.md 3.1): ``C = cost_bbox * L1(cxcywh) - cost_class * p(target class) - cost_giou * GIoU(xyxy)``, solved per
-image with scipy's ``linear_sum_assignment``.
+(docs/design.md O3.1): ``C = cost_bbox * L1(cxcywh) - cost_class * p(target class) - cost_giou * GIoU(xyxy)``, solved
+per image with scipy's ``linear_sum_assignment``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Follows microsoft/torchscale ``torchscale/model/BEiT3.py`` with the settings unilm and SimVG use (``multiway=True``,
 Magneto ``subln=True``, pre-LN, no relative position bias, no layer scale, exact GELU, final multiway LayerNorm);
-see docs/reference/beit3.md section 1. Every per-token module exists twice, ``A`` for vision tokens and ``B`` for
+see docs/design.md E1. Every per-token module exists twice, ``A`` for vision tokens and ``B`` for
 text tokens; only the softmax attention runs over the joint sequence ``[cls, patches, text]``.
 
 Differences from torchscale that do not change the maths:
@@ -526,7 +526,7 @@ def _fit(key: str, value: Tensor, target: Tensor, path: Path, report: LoadReport
     if key == _VISION_POS_KEY and value.dim() == 2 and old[1] == new[1] and _is_square_grid(old[0], new[0]):
         resized = _resample_vision_positions(value, new[0])
     elif key == _PATCH_KERNEL_KEY and value.dim() == 4 and old[:2] == new[:2]:
-        # SimVG's 16 -> 32 kernel resize: bicubic, without rescaling magnitudes (simvg.md B13).
+        # SimVG's 16 -> 32 kernel resize: bicubic, without rescaling magnitudes (docs/design.md B13).
         resized = F.interpolate(value.float(), size=new[2:], mode="bicubic", align_corners=False)
     else:
         raise UserError(f"{path}: {key} has shape {list(old)} in the checkpoint but {list(new)} in the model")

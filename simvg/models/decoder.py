@@ -1,6 +1,6 @@
 """DETR-style transformer decoder, SimVG's text-guided query generator (TQG) and the decoder branch.
 
-Layers follow detrex's ``DetrTransformerDecoder`` as configured by SimVG (simvg.md 2.4-2.5): post-norm
+Layers follow detrex's ``DetrTransformerDecoder`` as configured by SimVG (docs/design.md O2.4-O2.5): post-norm
 (self-attn -> add & LN -> cross-attn -> add & LN -> FFN -> add & LN), dropout on attention weights and inside the
 FFN, and one final LayerNorm shared by every layer's output.
 """
@@ -85,7 +85,7 @@ class TransformerDecoder(nn.Module):
 
 
 class TextGuidedQueryGenerator(nn.Module):
-    """TQG (simvg.md 2.4): ``q = TQGDecoder(0, Qe, text) + maxpool(text) + Qe`` -> [B, Q, D].
+    """TQG (docs/design.md O2.4): ``q = TQGDecoder(0, Qe, text) + maxpool(text) + Qe`` -> [B, Q, D].
 
     With ``use_tqg=False`` the queries are the plain learned embeddings ``Qe`` (the "w/o TQG" ablation).
     ``text_pool`` / ``text_pos`` = "official" reproduce the official bugs B1 / B2 for checkpoint parity.
@@ -128,7 +128,7 @@ class TextGuidedQueryGenerator(nn.Module):
 
 
 class DecoderBranch(nn.Module):
-    """The decoder branch (simvg.md 2.5): a DETR decoder over image memory with heads shared across layers.
+    """The decoder branch (docs/design.md O2.5): a DETR decoder over image memory with heads shared across layers.
 
     Xavier-uniform init of every >1-D decoder parameter (the official ``DetrTransformer.init_weights``); the
     prediction heads keep PyTorch's default init.

@@ -1,7 +1,7 @@
 """Small building blocks of the SimVG head: MLP, sine position embeddings, masked text pooling.
 
 The 2-D sine embedding is DETR's (Carion et al., ECCV 2020) as used by detrex's ``PositionEmbeddingSine``; the 1-D
-one is the Transformer's (Vaswani et al., 2017). Two functions emulate bugs of the official SimVG code (simvg.md
+one is the Transformer's (Vaswani et al., 2017). Two functions emulate bugs of the official SimVG code (docs/design.md
 B1, B2) so that official checkpoints can be run with parity; the clean versions are the defaults.
 """
 
@@ -48,7 +48,7 @@ def sine_position_1d(length: int, dim: int, temperature: float = 10000.0, device
 
 
 def sine_position_1d_official(length: int, dim: int, device: torch.device | None = None) -> Tensor:
-    """The official ``PositionEmbeddingSine1D`` output (simvg.md B2), for checkpoint parity: [L, D].
+    """The official ``PositionEmbeddingSine1D`` output (docs/design.md B2), for checkpoint parity: [L, D].
 
     Its inverse frequencies are cast to integers, so only frequency 1 survives: channel 0 is sin(pos), channel 1
     is cos(pos), the other even channels are 0 and the other odd channels are 1.
@@ -101,7 +101,7 @@ def masked_max_pool(x: Tensor, pad_mask: Tensor) -> Tensor:
 
 
 def masked_max_pool_official(x: Tensor, pad_mask: Tensor) -> Tensor:
-    """The official "max-pool" (simvg.md B1), for checkpoint parity: [B, L, D] -> [B, D].
+    """The official "max-pool" (docs/design.md B1), for checkpoint parity: [B, L, D] -> [B, D].
 
     ``~`` on the int64 padding mask turns 0/1 into -1/-2, which then index the sequence: the result is
     ``max(x[:, -1], x[:, -2])`` for a padded row and ``x[:, -1]`` for a row without padding.

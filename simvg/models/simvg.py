@@ -1,6 +1,6 @@
 """SimVG (Dai et al., NeurIPS 2024): BEiT-3 multimodal fusion, text-guided queries, decoder and token branches.
 
-Composition as in the official ``MIXDETRMB`` + ``TextGuidedQuerySelectKDDETRHead`` (simvg.md 2.1-2.6):
+Composition as in the official ``MIXDETRMB`` + ``TextGuidedQuerySelectKDDETRHead`` (docs/design.md O2.1-O2.6):
 
     BEiT-3 on [vision CLS, N patches, L text]       -> x [B, 1+N+L, C]
     o = Linear(x[:, 0])        memory = Conv1x1(patches as a grid)        t = Linear(text)      (all -> D)

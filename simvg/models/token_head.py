@@ -1,4 +1,4 @@
-"""SimVG's token branch (simvg.md 2.6): predictions straight from the object token, no decoder.
+"""SimVG's token branch (docs/design.md O2.6): predictions straight from the object token, no decoder.
 
 ``z = o + q`` (the projected vision [CLS] token plus each text-guided query), ``h = MLP(z)`` with
 ``num_mlp_layers`` Linear layers (1 in every released config: a single Linear without activation), then a

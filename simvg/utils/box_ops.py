@@ -43,7 +43,7 @@ def _inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     """Pairwise intersection and union areas, [N, M] each."""
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    # Clamping at 0 is what makes disjoint boxes overlap 0 (the official LSJ forgot it, simvg.md B4).
+    # Clamping at 0 is what makes disjoint boxes overlap 0 (the official LSJ forgot it, docs/design.md B4).
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter

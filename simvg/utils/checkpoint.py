@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, ``weights_only`` loads, prefix cleaning, checked partial loads, weight export.
+"""Checkpoints: atomic writes, ``weights_only`` loads, prefix cleaning and checked partial loads.
 
 A training checkpoint is a plain dict of tensors and Python primitives (layout in ``CHECKPOINT_KEYS``), so it loads
 with ``torch.load(weights_only=True)``: the config is stored as a plain dict and RNG states as tensors.
