@@ -16,11 +16,13 @@ from grounding_helpers import make_tokenizer, scene
 from safetensors.torch import load_file, save_file
 
 from simvg import load_model
+from simvg.artifact import read_weights
 from simvg.cli import main
 from simvg.engine.train import init_weights
 from simvg.errors import UserError
 from simvg.models import SimVG, model_config
 from simvg.models.official import DROPPED, infer_config, official_name_to_ours, official_to_ours
+from simvg.utils.checkpoint import load_model_state
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_KEYS = json.loads((FIXTURES / "official_simvg_keys.json").read_text())["presets"]
@@ -50,6 +52,37 @@ def test_official_names_map_strictly_onto_every_released_preset(preset):
         model = SimVG(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+@pytest.mark.parametrize("preset", sorted(OFFICIAL_KEYS))
+def test_official_files_of_every_preset_load_strictly(preset, tmp_path):
+    """Files in the official save_checkpoint layout with the released names and shapes (meta tensors: no memory),
+    DDP prefix on the raw weights, EMA shadow without: read, mapped, preset inferred, loaded strictly."""
+    state = meta_state(OFFICIAL_KEYS[preset])
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 29, "state_dict": {"module." + k: v for k, v in state.items()}, "ema_state_dict": state,
+                "optimizer": {"state": {}, "param_groups": []}}, path)  # fmt: skip
+    for weights in ("auto", "raw"):
+        read = read_weights(path, weights)
+        assert read.kind == "official" and read.spec.weights == ("ema" if weights == "auto" else "raw")
+        cfg = read.spec.architecture
+        expected = model_config(preset)
+        assert (cfg.encoder.embed_dim, cfg.encoder.depth, cfg.num_queries, cfg.encoder.img_size) == (
+            expected.encoder.embed_dim,
+            expected.encoder.depth,
+            expected.num_queries,
+            expected.encoder.img_size,
+        )
+        assert read.spec.preprocess.image_size == 640 and read.spec.task == ("grec" if "grec" in preset else "rec")
+        with torch.device("meta"):
+            model = SimVG(cfg)
+        assert load_model_state(model, read.state, strict=True) == ([], [])
+    del state["head.bbox_embed_decoder.layers.0.bias"]
+    torch.save({"state_dict": state}, path)
+    with torch.device("meta"):
+        model = SimVG(cfg)
+    with pytest.raises(UserError, match="missing.*decoder.bbox_embed.layers.0.bias"):
+        load_model_state(model, read_weights(path).state, strict=True, source=str(path))
 
 
 def test_preset_inference_reads_the_tensors():
