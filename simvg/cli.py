@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("data", "convert"): ("simvg.data.convert", "convert", "convert refer/gRefCOCO/TransVG/MDETR annotations"),
     ("data", "check"): ("simvg.data.check", "check", "check a dataset folder: counts, images, boxes, texts"),
     ("tokenizer", "train"): ("simvg.data.tokenizer", "train", "train a sentencepiece model with BEiT-3's id layout"),
+    ("pretrain",): ("simvg.pretrain.commands", "pretrain", "pre-train the encoder on SynthRef captions"),
     ("train",): ("simvg.engine.commands", "train", "train from a YAML config (single process or torchrun)"),
     ("eval",): ("simvg.engine.commands", "eval", "evaluate a checkpoint on a split"),
     ("plot",): ("simvg.engine.plot", "plot", "draw loss and accuracy curves of a run"),

@@ -242,9 +242,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _check_override_path(path: list[str], text: str) -> None:
+def _check_override_path(path: list[str], text: str, schema: type) -> None:
     """Refuse an override whose key does not exist in the schema (values inside free-form dicts are allowed)."""
-    cls: Any = Config
+    cls: Any = schema
     for depth, name in enumerate(path):
         if not dataclasses.is_dataclass(cls):
             if typing.get_origin(cls) is dict or cls is Any:
@@ -257,12 +257,13 @@ def _check_override_path(path: list[str], text: str) -> None:
         cls = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if _is_optional(tp) else tp
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of the raw config dict with each ``key=value`` set (dotted keys into sections)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], schema: type | None = None) -> dict[str, Any]:
+    """Return a copy of the raw config dict with each ``key=value`` set (dotted keys into sections); a key that
+    ``schema`` (default ``Config``) does not have is a ``UserError``."""
     data = yaml.safe_load(yaml.safe_dump(data)) or {}
     for text in overrides:
         path, value = parse_override(text)
-        _check_override_path(path, text)
+        _check_override_path(path, text, schema or Config)
         node = data
         for name in path[:-1]:
             child = node.get(name)
