@@ -152,7 +152,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
              cfg.encoder.preset, encoder_cfg.embed_dim, encoder_cfg.depth, encoder_cfg.img_size, t.max_steps,
              t.batch_size, info.world_size, step)  # fmt: skip
 
-    averages, started = Averages(), time.monotonic()
+    averages, started, first_step = Averages(), time.monotonic(), step
     net.train()
     for batch in train_loader:
         batch = to_device(batch, info.device)
@@ -160,23 +160,25 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             out = net(batch["image"], batch["ids"], batch["pad"])
         losses = pretrain_losses(out, batch, cfg.loss.temperature)
         loss = weighted_loss(losses, cfg)
-        if not math.isfinite(float(loss)):
-            raise UserError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in losses.items()} })")
+        scalars = {k: float(v.detach()) for k, v in losses.items()}
+        if not math.isfinite(float(loss.detach())):
+            raise UserError(f"non-finite loss at step {step} ({scalars})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
-        items = max(float(losses["t2p_items"]), 1.0)
-        averages.update({"loss": float(loss), "align_t2p": float(losses["align_t2p"]), "mlm": float(losses["mlm"]),
-                         "align_p2t": float(losses["align_p2t"]), "grad_norm": float(grad_norm),
-                         "t2p_acc": 100.0 * float(losses["t2p_hits"]) / items})  # fmt: skip
+        averages.update({
+            "loss": float(loss.detach()), "align_t2p": scalars["align_t2p"], "align_p2t": scalars["align_p2t"],
+            "mlm": scalars["mlm"], "grad_norm": float(grad_norm),
+            "t2p_acc": 100.0 * scalars["t2p_hits"] / max(scalars["t2p_items"], 1.0),
+        })  # fmt: skip
         if step % t.log_every_steps == 0 or step == t.max_steps:
             means = averages.means()
             averages.reset()
             writer.write("train", step=step, lr=scheduler.get_last_lr()[0], **means)
-            rate = (time.monotonic() - started) / max(step, 1)
+            rate = (time.monotonic() - started) / max(step - first_step, 1)
             log.info("step %d/%d loss %.4f t2p %.3f p2t %.3f mlm %.3f t2p_acc %.1f%% (%.2f s/step, %s left)", step,
                      t.max_steps, means["loss"], means["align_t2p"], means["align_p2t"], means["mlm"],
                      means["t2p_acc"], rate, format_duration(rate * (t.max_steps - step)))  # fmt: skip
