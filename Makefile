@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint setup clean default-rec default-grec
+.PHONY: test demo lint setup clean default-rec default-grec mutate
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,20 @@ default-grec: $(STAMP)
 		--task grec --num-images 4000 --image-size 128 --seed 1 --max-objects 4 --background plain
 	$(BIN)/simvg train configs/synthref_grec_start.yaml
 	$(BIN)/simvg train configs/synthref_grec.yaml
+
+# Mutation testing of the core formula modules ([tool.mutmut] in pyproject.toml; docs/mutation.md has the last run).
+# Not part of `make test`: about 2 hours on a shared 2-core VM. Results and the mutated copy live in mutants/;
+# `$(BIN)/mutmut show NAME` prints one mutant, `$(BIN)/mutmut browse` browses them. MUTATE_JOBS: parallel mutants.
+MUTATE_STAMP := $(VENV)/.mutate-installed
+MUTATE_JOBS ?= 1
+
+$(MUTATE_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -e ".[test,mutate]"
+	touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_JOBS)
+	$(BIN)/mutmut results
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,15 @@
 """Forward latency of the BEiT-3 base encoder (random weights, fp32, inference_mode) against a matmul peak.
 
 Usage: python benchmarks/encoder.py [--repeats 5] [--cases 640/32x1,640/32x8,224/16x1,224/16x8] [--threads N]
-       [--clock wall|cpu] [--ablation]
+       [--clock wall|cpu|thread] [--ablation] [--torchscale DIR [--compile]]
+
+``--torchscale DIR`` times our encoder against torchscale's ``BEiT3`` (the reference implementation, same weights,
+outputs compared within 1e-4) at each case, interleaved; ``--compile`` adds ours under ``torch.compile`` with freezing
+(``simvg.models.beit3.compile_for_inference``). torchscale 0.3.0 cannot be installed next to this project's torch
+(its timm pins pull another torch build), so DIR is its unpacked wheel (``pip download torchscale==0.3.0 --no-deps``,
+then unzip); its imports of timm (``drop_path``, an identity at drop rate 0) and fairscale (activation checkpointing
+wrappers, unused in eval) are stubbed. Use ``--threads 1 --clock thread``: the CPU time of the one compute thread is
+immune to other processes on a shared machine.
 
 FLOPs are counted analytically (2*M*N*K for every matmul: patch projection, q/k/v, q@k^T, attn@v, out_proj, FFN) and
 cross-checked against ``torch.utils.flop_counter.FlopCounterMode``. The peak is the throughput of
@@ -185,6 +193,74 @@ def ablation(repeats: int) -> None:
         print(f"| {name} | {min(times[name]) * 1e3:.0f} | {min(times[name]) / base:.3f}x |")
 
 
+def load_torchscale(path: Path, img: int, patch: int) -> torch.nn.Module:
+    """torchscale's BEiT3, base size (unilm's ``_get_base_config``), from the unpacked wheel at ``path``."""
+    import types
+
+    def drop_path(x, drop_prob: float = 0.0, training: bool = False):
+        if drop_prob and training:
+            raise RuntimeError("the timm stub only covers inference")
+        return x
+
+    stubs = {name: types.ModuleType(name) for name in ("timm", "timm.models", "timm.models.layers", "fairscale",
+                                                        "fairscale.nn")}  # fmt: skip
+    stubs["timm.models.layers"].drop_path = drop_path
+    stubs["fairscale.nn"].checkpoint_wrapper = stubs["fairscale.nn"].wrap = lambda module, **_: module
+    for name, module in stubs.items():
+        sys.modules.setdefault(name, module)
+    sys.path.insert(0, str(path))
+    from torchscale.architecture.config import EncoderConfig
+    from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
+
+    cfg = EncoderConfig(img_size=img, patch_size=patch, vocab_size=64010, multiway=True, layernorm_embedding=False,
+                        normalize_output=True, no_output_layer=True, drop_path_rate=0.0, encoder_embed_dim=768,
+                        encoder_attention_heads=12, encoder_ffn_embed_dim=3072, encoder_layers=12)  # fmt: skip
+    return TorchscaleBEiT3(cfg).eval()
+
+
+def versus_torchscale(path: Path, img: int, patch: int, batch: int, repeats: int, compile: bool) -> None:
+    """Ours (eager, and compiled with ``compile``) against torchscale with the same weights: parity on every
+    non-padding token (must be <= 1e-4), then median and min time of interleaved runs."""
+    from simvg.models.beit3 import compile_for_inference
+
+    cfg = beit3_config("base", img_size=img, patch_size=patch, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    ours = BEiT3(cfg).eval()
+    reference = load_torchscale(path, img, patch)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    image = torch.randn(batch, 3, img, img)
+    ids = torch.randint(3, cfg.vocab_size, (batch, TEXT_LEN))
+    pad = torch.arange(TEXT_LEN).expand(batch, -1) >= TEXT_REAL
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "torchscale": lambda: reference(textual_tokens=ids, visual_tokens=image, text_padding_position=pad)[
+            "encoder_out"
+        ],
+        "ours (eager)": lambda: ours(image, ids, pad)[0],
+    }
+    with torch.inference_mode():
+        if compile:
+            compiled = compile_for_inference(ours)
+            start = time.perf_counter()
+            compiled(image, ids, pad)
+            print(f"compiled in {time.perf_counter() - start:.0f} s (wall)", flush=True)
+            variants["ours (torch.compile, freezing)"] = lambda: compiled(image, ids, pad)[0]
+        want = variants["torchscale"]()
+        real = torch.cat([torch.ones(batch, want.shape[1] - TEXT_LEN, dtype=torch.bool), ~pad], dim=1)
+        parity = {name: float((fn() - want)[real].abs().max()) for name, fn in variants.items()}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                times[name] += timed(fn, 1)
+    base = statistics.median(times["torchscale"])
+    print(f"| variant ({img}/p{patch}, B={batch}) | median ms | min ms | vs torchscale (median) | max abs diff |")
+    print("|---|---|---|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t) * 1e3:.0f} | {min(t) * 1e3:.0f} | "
+              f"{statistics.median(t) / base:.3f}x | {parity[name]:.1e} |", flush=True)  # fmt: skip
+    if max(parity.values()) > 1e-4:
+        raise SystemExit(f"parity with torchscale broken: {parity}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -192,16 +268,25 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument(
         "--clock",
-        choices=("wall", "cpu"),
+        choices=("wall", "cpu", "thread"),
         default="wall",
-        help="cpu = process CPU time (meaningful with --threads 1 on a shared machine)",
+        help="cpu: process CPU time, thread: this thread's CPU time (meaningful with --threads 1 on a busy machine)",
     )
     parser.add_argument("--ablation", action="store_true", help="also time one-change variants at 640/p32, B=1")
+    parser.add_argument("--torchscale", type=Path, help="unpacked torchscale 0.3.0 wheel: time ours against it instead")
+    parser.add_argument("--compile", action="store_true", help="with --torchscale: also ours under torch.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    CLOCK = {"cpu": time.process_time, "thread": time.thread_time}.get(args.clock, time.perf_counter)
+    if args.torchscale:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, fp32, inference_mode")
+        for spec in args.cases.split(","):
+            size, rest = spec.split("/")
+            patch, batch = rest.split("x")
+            versus_torchscale(args.torchscale, int(size), int(patch), int(batch), args.repeats, args.compile)
+        return 0
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, fp32, inference_mode, "
         f"text {TEXT_LEN} tokens ({TEXT_LEN - TEXT_REAL} padded)"

@@ -1,16 +1,23 @@
-"""Grounding latency and peak memory: token branch (TB), decoder branch (DB) and ONNX Runtime, two model sizes.
+"""Grounding latency and peak memory: fp32 / int8 PyTorch and fp32 / int8 ONNX Runtime, token branch (TB) and
+decoder branch (DB), batch 1 and 8, two model sizes.
 
-Peak memory: each configuration runs alone in a subprocess (load + 3 groundings), and its peak resident set
-(``VmHWM``, which counts what torch and onnxruntime allocate outside Python, unlike tracemalloc) is its own.
-Latency: one subprocess per size loads all four configurations and times them in interleaved rounds (so a busy
-shared machine slows them alike), end to end through ``Grounder.ground``: PNG bytes of a 640x480 image in, boxes
-in original pixels out (decode, resize, tokenize, forward, post-process); median and min after a warm-up.
+Peak memory: each configuration runs alone in a subprocess (load + 3 groundings at the batch size), and its peak
+resident set (``VmHWM``, which counts what torch and onnxruntime allocate outside Python, unlike tracemalloc) is its
+own. Latency: one subprocess per size loads every configuration and times them in interleaved rounds (so a busy
+shared machine slows them alike), end to end through ``Grounder.ground_batch``: PNG bytes of a 640x480 image in,
+boxes in original pixels out (decode, resize, tokenize, forward, post-process); median wall time and median process
+CPU time (with one thread, CPU time is immune to other processes taking the core) after a warm-up.
 Threads: ``--threads`` (default 1) for torch and onnxruntime alike.
+
+int8: PyTorch's dynamic int8 (``Grounder.from_checkpoint(precision="int8")``, simvg/inference/quantize.py) and ONNX
+Runtime's dynamic int8 of the exported graph (``simvg export onnx --int8``).
 
 Sizes: the embedded default (``simvg/assets/default`` when present, else ``simvg_synth_s`` with random weights,
 the size it is trained at) and ``simvg_b32`` (BEiT-3 base, 640 px, random weights).
 
-    .venv/bin/python benchmarks/inference.py [--repeats 20] [--b32-repeats 5] [--skip-b32]
+    .venv/bin/python benchmarks/inference.py [--repeats 20] [--b32-repeats 5] [--skip-b32] [--batches 1,8]
+        [--branches token,decoder]
+    .venv/bin/python benchmarks/inference.py --threads-sweep 1,2    # fp32 / int8 PyTorch, 1 vs 2 threads (wall)
 """
 
 from __future__ import annotations
@@ -76,42 +83,88 @@ def sample_png() -> bytes:
     return buffer.getvalue()
 
 
-def memory_worker(model: str, backend: str, branch: str, threads: int) -> dict:
-    """Subprocess: load one configuration and ground 3 times; its peak RSS is the configuration's alone."""
-    import torch
+TEXTS = [TEXT, "the blue square", "a small yellow star", "the large purple square below the circle",
+         "all red shapes", "the left one", "the second circle from the left", "the red disc"]  # fmt: skip
 
+
+def load(model: str, backend: str, branch: str, precision: str):
+    """A ``Grounder`` of one configuration (the ONNX file carries its own precision)."""
     from simvg.inference.grounder import Grounder
+
+    return Grounder.from_checkpoint(model, branch=branch, backend=backend,
+                                    precision=precision if backend == "torch" else None)  # fmt: skip
+
+
+def memory_worker(config: list[str], batch: int, threads: int) -> dict:
+    """Subprocess: load one configuration and ground 3 batches; its peak RSS is the configuration's alone."""
+    import torch
 
     torch.set_num_threads(threads)  # also sizes onnxruntime's pool (OnnxRunner reads it)
     imports = rss_mb()
     start = time.perf_counter()
-    grounder = Grounder.from_checkpoint(model, branch=branch, backend=backend)
+    grounder = load(*config)
     load_s = time.perf_counter() - start
     data = sample_png()
     for _ in range(3):
-        grounder.ground(data, TEXT)
+        grounder.ground_batch([data] * batch, TEXTS[:batch])
     return {"peak_mb": rss_mb(), "imports_mb": imports, "load_s": load_s}
 
 
-def latency_worker(specs: list[tuple[str, str, str]], repeats: int, threads: int) -> list[dict]:
+def latency_worker(configs: list[list[str]], batches: list[int], repeats: int, threads: int) -> list[dict]:
     """Subprocess: every configuration loaded together and timed in interleaved rounds, so that the load of a
-    shared machine falls on all of them alike; returns median and min ms per configuration."""
+    shared machine falls on all of them alike; returns per configuration and batch size the median wall ms, min
+    wall ms and median process-CPU ms."""
     import torch
 
-    from simvg.inference.grounder import Grounder
-
     torch.set_num_threads(threads)
-    grounders = [Grounder.from_checkpoint(m, branch=br, backend=be) for m, be, br in specs]
+    grounders = [load(*config) for config in configs]
     data = sample_png()
-    for grounder in grounders:
-        grounder.ground(data, TEXT)
-    times: list[list[float]] = [[] for _ in grounders]
-    for _ in range(repeats):
-        for grounder, bucket in zip(grounders, times):
-            start = time.perf_counter()
-            grounder.ground(data, TEXT)
-            bucket.append(time.perf_counter() - start)
-    return [{"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t)} for t in times]
+    results = []
+    for batch in batches:
+        images, texts = [data] * batch, TEXTS[:batch]
+        for grounder in grounders:
+            grounder.ground_batch(images, texts)
+        wall: list[list[float]] = [[] for _ in grounders]
+        cpu: list[list[float]] = [[] for _ in grounders]
+        for _ in range(repeats):
+            for grounder, w, c in zip(grounders, wall, cpu):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                grounder.ground_batch(images, texts)
+                c.append(time.process_time() - start_cpu)
+                w.append(time.perf_counter() - start)
+        results += [{"batch": batch, "median_ms": 1000 * statistics.median(w), "min_ms": 1000 * min(w),
+                     "cpu_ms": 1000 * statistics.median(c)} for w, c in zip(wall, cpu)]  # fmt: skip
+    return results
+
+
+def threads_worker(configs: list[list[str]], counts: list[int], repeats: int) -> list[dict]:
+    """Subprocess: PyTorch configurations timed at batch 1 with each thread count in turn, interleaved (wall time:
+    what a user waits); median ms per configuration and thread count."""
+    import torch
+
+    grounders = [load(*config) for config in configs]
+    data = sample_png()
+    times = {(i, n): [] for i in range(len(grounders)) for n in counts}
+    for round_ in range(repeats + 1):
+        for n in counts:
+            torch.set_num_threads(n)
+            for i, grounder in enumerate(grounders):
+                start = time.perf_counter()
+                grounder.ground(data, TEXT)
+                if round_:  # the first round warms up
+                    times[i, n].append(time.perf_counter() - start)
+    return [{"config": i, "threads": n, "median_ms": 1000 * statistics.median(t)} for (i, n), t in times.items()]
+
+
+def threads_sweep(folder: Path, label: str, counts: list[int], repeats: int) -> None:
+    """fp32 and int8 PyTorch (token branch) at each thread count: the advice in README."""
+    configs = [[str(folder), "torch", "token", "fp32"], [str(folder), "torch", "token", "int8"]]
+    rows = subprocess_json("--threads-worker", json.dumps(configs), json.dumps(counts), str(repeats))
+    print(f"| size | path | {' | '.join(f'{n} thread(s), median ms' for n in counts)} |")
+    print("|---|---|" + "---|" * len(counts))
+    for i, name in enumerate(("PyTorch fp32 TB", "PyTorch int8 TB")):
+        cells = [next(r["median_ms"] for r in rows if r["config"] == i and r["threads"] == n) for n in counts]
+        print(f"| {label} | {name} | {' | '.join(f'{c:.1f}' for c in cells)} |", flush=True)
 
 
 def subprocess_json(*args: str):
@@ -119,34 +172,56 @@ def subprocess_json(*args: str):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_size(label: str, folder: Path, repeats: int) -> list[tuple[str, str, dict]]:
-    """TB, DB (PyTorch) and TB, DB (ONNX) for one model folder."""
-    from simvg.export.onnx import export_onnx
+def export_graphs(label: str, folder: Path, branch: str) -> tuple[Path, Path]:
+    """The fp32 graph (``simvg export onnx``, its parity checked) and its int8 version (as ``--int8`` makes it)."""
+    from simvg.artifact import load_artifact
+    from simvg.data.tokenizer import BEiT3Tokenizer
+    from simvg.export.onnx import PARITY_TEXTS, BranchModel, example_inputs, export_onnx, max_difference, quantize_graph
 
-    specs = [("PyTorch TB", folder, "torch", "token"), ("PyTorch DB", folder, "torch", "decoder")]
-    for branch in ("token", "decoder"):
-        start = time.perf_counter()
-        path, diff = export_onnx(folder, branch, folder / "onnx" / f"{branch}.onnx")
-        print(f"  exported {label} {branch} in {time.perf_counter() - start:.1f} s (max diff {diff:.1e})", flush=True)
-        specs.append((f"ONNX {branch[0].upper()}B", path, "onnx", branch))
-    flat = [str(x) for _, m, be, br in specs for x in (m, be, br)]
-    latency = subprocess_json("--latency", str(repeats), str(THREADS), *flat)
+    start = time.perf_counter()
+    fp32, diff = export_onnx(folder, branch, folder / "onnx" / f"{branch}.onnx")
+    int8 = fp32.with_name(f"{branch}_int8.onnx")
+    quantize_graph(fp32, int8)
+    loaded = load_artifact(folder, need_tokenizer=True)
+    tok = BEiT3Tokenizer(loaded.tokenizer, max_len=loaded.spec.preprocess.max_tokens)
+    inputs = example_inputs(tok, loaded.spec.preprocess.image_size, PARITY_TEXTS)
+    diff8 = max_difference(BranchModel(loaded.model, branch).eval(), int8, inputs)
+    print(f"  exported {label} {branch} in {time.perf_counter() - start:.1f} s (max |ONNX - PyTorch| fp32 "
+          f"{diff:.1e}, int8 {diff8:.1e})", flush=True)  # fmt: skip
+    return fp32, int8
+
+
+def measure_size(label: str, folder: Path, repeats: int, batches: list[int], branches: list[str]) -> list[dict]:
+    """fp32 / int8 PyTorch and fp32 / int8 ONNX, per branch, for one model folder; one row per config and batch."""
+    configs: list[tuple[str, list[str]]] = []
+    for branch in branches:
+        short = branch[0].upper() + "B"
+        fp32, int8 = export_graphs(label, folder, branch)
+        configs += [(f"PyTorch fp32 {short}", [str(folder), "torch", branch, "fp32"]),
+                    (f"PyTorch int8 {short}", [str(folder), "torch", branch, "int8"]),
+                    (f"ONNX fp32 {short}", [str(fp32), "onnx", branch, "fp32"]),
+                    (f"ONNX int8 {short}", [str(int8), "onnx", branch, "int8"])]  # fmt: skip
+    latency = subprocess_json("--latency", json.dumps([c for _, c in configs]), json.dumps(batches), str(repeats),
+                              str(THREADS))  # fmt: skip
     rows = []
-    for (name, model, backend, branch), lat in zip(specs, latency):
-        memory = subprocess_json("--memory", str(model), backend, branch, str(THREADS))
-        rows.append((label, name, {**lat, **memory}))
+    for i, batch in enumerate(batches):
+        for j, (name, config) in enumerate(configs):
+            memory = subprocess_json("--memory", json.dumps(config), str(batch), str(THREADS))
+            rows.append({"size": label, "path": name, **latency[i * len(configs) + j], **memory})
+            print(f"  {name} B={batch}: {rows[-1]['cpu_ms']:.0f} ms CPU, {memory['peak_mb']:.0f} MiB", flush=True)
     return rows
 
 
-def table(rows: list[tuple[str, str, dict]]) -> str:
-    """Markdown table; ratios are against PyTorch TB of the same size."""
-    lines = ["| size | path | median ms | min ms | vs PyTorch TB | peak RSS MiB | vs PyTorch TB | after imports MiB |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for label, path, r in rows:
-        ref = next(x for lab, p, x in rows if lab == label and p == "PyTorch TB")
-        speed, memory = r["median_ms"] / ref["median_ms"], r["peak_mb"] / ref["peak_mb"]
-        lines.append(f"| {label} | {path} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {speed:.2f}x | "
-                     f"{r['peak_mb']:.0f} | {memory:.2f}x | {r['imports_mb']:.0f} |")  # fmt: skip
+def table(rows: list[dict]) -> str:
+    """Markdown table; ratios are against PyTorch fp32 of the same size, branch and batch."""
+    lines = ["| size | path | batch | median ms | CPU ms | vs fp32 (CPU) | vs fp32 (wall) | peak RSS MiB | vs fp32 "
+             "| load s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ref = next(x for x in rows if x["size"] == r["size"] and x["batch"] == r["batch"]
+                   and x["path"] == "PyTorch fp32 " + r["path"].split()[-1])  # fmt: skip
+        lines.append(f"| {r['size']} | {r['path']} | {r['batch']} | {r['median_ms']:.1f} | {r['cpu_ms']:.1f} | "
+                     f"{r['cpu_ms'] / ref['cpu_ms']:.2f}x | {r['median_ms'] / ref['median_ms']:.2f}x | "
+                     f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref['peak_mb']:.2f}x | {r['load_s']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -155,35 +230,52 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs at the default size")
     parser.add_argument("--b32-repeats", type=int, default=5, help="timed runs at simvg_b32")
     parser.add_argument("--skip-b32", action="store_true")
+    parser.add_argument("--skip-default", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of torch and onnxruntime")
+    parser.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    parser.add_argument("--branches", default="token,decoder", help="branches, comma-separated")
+    parser.add_argument("--threads-sweep", help="instead: PyTorch fp32/int8 at these thread counts, e.g. 1,2")
     args = parser.parse_args()
     global THREADS
     THREADS = args.threads
+    batches, branches = [int(b) for b in args.batches.split(",")], args.branches.split(",")
     rows = []
+    if args.threads_sweep:
+        counts = [int(n) for n in args.threads_sweep.split(",")]
+        with tempfile.TemporaryDirectory() as tmp:
+            if not args.skip_default:
+                threads_sweep(ROOT / "simvg" / "assets" / "default", "default (embedded)", counts, args.repeats)
+            if not args.skip_b32:
+                folder = make_folder("simvg_b32", Path(tmp) / "b32")
+                threads_sweep(folder, "simvg_b32 (random)", counts, args.b32_repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        default = ROOT / "simvg" / "assets" / "default"
-        if (default / "model.safetensors").is_file():
-            label, folder = "default (embedded)", default
-            # exports go next to the weights; keep the package folder clean by copying it first
-            folder = Path(tmp) / "default"
-            subprocess.run(["cp", "-r", str(default), str(folder)], check=True)
-        else:
-            label, folder = "default (simvg_synth_s, random)", make_folder("simvg_synth_s", Path(tmp) / "default")
-        print(f"measuring {label}", flush=True)
-        rows += measure_size(label, folder, args.repeats)
+        if not args.skip_default:
+            default = ROOT / "simvg" / "assets" / "default"
+            if (default / "model.safetensors").is_file():
+                label = "default (embedded)"
+                # exports go next to the weights; keep the package folder clean by copying it first
+                folder = Path(tmp) / "default"
+                subprocess.run(["cp", "-r", str(default), str(folder)], check=True)
+            else:
+                label, folder = "default (simvg_synth_s, random)", make_folder("simvg_synth_s", Path(tmp) / "default")
+            print(f"measuring {label}", flush=True)
+            rows += measure_size(label, folder, args.repeats, batches, branches)
         if not args.skip_b32:
             print("measuring simvg_b32", flush=True)
-            rows += measure_size("simvg_b32 (random)", make_folder("simvg_b32", Path(tmp) / "b32"), args.b32_repeats)
+            folder = make_folder("simvg_b32", Path(tmp) / "b32")
+            rows += measure_size("simvg_b32 (random)", folder, args.b32_repeats, batches, branches)
     print(table(rows))
-    print(json.dumps([{"size": s, "path": p, **r} for s, p, r in rows]))
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--memory":
-        print(json.dumps(memory_worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        print(json.dumps(memory_worker(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--threads-worker":
+        print(json.dumps(threads_worker(json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]))))
     elif len(sys.argv) > 1 and sys.argv[1] == "--latency":
-        rest = sys.argv[4:]
-        triples = [(rest[i], rest[i + 1], rest[i + 2]) for i in range(0, len(rest), 3)]
-        print(json.dumps(latency_worker(triples, int(sys.argv[2]), int(sys.argv[3]))))
+        configs, batches = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+        print(json.dumps(latency_worker(configs, batches, int(sys.argv[4]), int(sys.argv[5]))))
     else:
         main()

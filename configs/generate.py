@@ -173,14 +173,18 @@ def synthref() -> dict[str, Config]:
         checkpoint_every_steps=250,
     )
     # No large-scale jitter: a crop can cut off the shape that made "the leftmost triangle" true.
-    rec = DataConfig(dataset="synthref", root="data/synthref_rec_easy", image_size=128, lsj=False, num_workers=0)
-    grec = DataConfig(dataset="synthref", root="data/synthref_grec_easy", image_size=128, lsj=False, num_workers=0)
+    # Validation on val; testA (attribute) and testB (spatial) are the test splits: simvg eval --split all.
+    tests = ["testA", "testB"]
+    rec = DataConfig(dataset="synthref", root="data/synthref_rec_easy", image_size=128, lsj=False, num_workers=0,
+                     test_splits=tests)  # fmt: skip
+    grec = DataConfig(dataset="synthref", root="data/synthref_grec_easy", image_size=128, lsj=False, num_workers=0,
+                      test_splits=tests)  # fmt: skip
     std = dataclasses.replace(rec, root="data/synthref_rec")
     starter = dataclasses.replace(rec, root="data/synthref_rec_starter")
     # Each SynthRef folder trains its own tokenizer; every stage after the first keeps the starter's word ids.
     starter_tokenizer = f"{starter.root}/tokenizer.spm"
     grec_tok = dataclasses.replace(grec, tokenizer=starter_tokenizer)
-    smoke = DataConfig(dataset="synthref", root="data/synthref_smoke", image_size=64, num_workers=0)
+    smoke = DataConfig(dataset="synthref", root="data/synthref_smoke", image_size=64, num_workers=0, test_splits=tests)
     return {
         # The REC default is a two-stage curriculum: the starter level first (the model leaves the "average box"
         # plateau there within ~500 steps), then the easy level from that checkpoint, with the starter's tokenizer

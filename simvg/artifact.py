@@ -4,7 +4,8 @@ post-processing of a branch's outputs.
 ``load_model(path)`` / ``load_artifact(path)`` take any of:
 
 - a **model folder**: ``model.safetensors`` (weights), ``model.yaml`` (``ModelSpec``: architecture, preprocessing,
-  task, tokenizer file, default branch, provenance) and ``tokenizer.spm``. ``save_folder`` writes it; the embedded
+  task, tokenizer file, default branch, provenance) and ``tokenizer.spm``. ``save_folder`` writes it, with a sha256
+  of the tensors in the weights' metadata that loading checks (folders without one load too); the embedded
   defaults in ``simvg/assets`` are such folders. A folder of an older release (``config.yaml``, a whole training
   config) still loads;
 - a **run folder** (``simvg train --output``): its ``best.pth``, else ``last.pth``;
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,13 @@ from torch import Tensor
 from simvg.errors import UserError
 from simvg.models import SimVG, SimVGConfig
 from simvg.models.official import infer_config, is_official_state, official_to_ours
-from simvg.utils.checkpoint import atomic_write_bytes, clean_state_dict, load_checkpoint, load_model_state
+from simvg.utils.checkpoint import (
+    atomic_write_bytes,
+    clean_state_dict,
+    content_hash,
+    load_checkpoint,
+    load_model_state,
+)
 
 FORMAT = "simvg-model/1"
 WEIGHTS_FILE, SPEC_FILE, TOKENIZER_FILE = "model.safetensors", "model.yaml", "tokenizer.spm"
@@ -92,7 +100,7 @@ class ModelSpec:
 class Weights:
     """A state dict in our names, with its spec and tokenizer; what ``read_weights`` returns."""
 
-    state: dict[str, Tensor]
+    state: Mapping[str, Tensor]  # a dict, or ``LazyTensors`` when read with ``lazy=True``
     spec: ModelSpec
     tokenizer: Path | None  # the sentencepiece model that goes with the weights, when one is known
     path: Path  # the file the weights were read from
@@ -211,17 +219,52 @@ def resolve(path: str | Path | None, task: str = "rec") -> Path:
     return path
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a ``.safetensors`` file; UserError for a missing, truncated or corrupt one."""
+def read_safetensors(path: Path, lazy: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ``.safetensors`` file; UserError for a missing, truncated or corrupt one.
+
+    ``lazy``: the tensors come as a ``LazyTensors`` mapping that reads each one only when asked for (the header is
+    checked now), so that a loader can hold one layer in memory at a time.
+    """
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise UserError(f"{path}: missing")
     try:
         with safe_open(str(path), framework="pt") as f:
+            if lazy:
+                return LazyTensors(path, list(f.keys())), dict(f.metadata() or {})
             return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: unreadable weights ({str(exc).splitlines()[0][:200]})") from None
+
+
+class LazyTensors(Mapping[str, Tensor]):
+    """The tensors of a ``.safetensors`` file, each read (a fresh CPU tensor) when indexed, nothing cached.
+
+    The file is opened per read and closed again, and each tensor is copied out of the file's memory map, so that
+    no part of the map stays resident once the caller drops the tensor.
+    """
+
+    def __init__(self, path: Path, keys: list[str]) -> None:
+        self.path, self._keys = path, list(keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                # a copy that owns its memory: the tensor safetensors returns keeps a map of the file alive
+                return f.get_tensor(key).clone()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{self.path}: unreadable weights ({str(exc).splitlines()[0][:200]})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _pick(weights: str, has_ema: bool, path: Path, ema_key: str) -> bool:
@@ -260,11 +303,14 @@ def _official(state: dict[str, Any], path: Path, weights_kind: str, notices: lis
     return Weights(ours, spec, None, path, "official", notices)
 
 
-def read_weights(path: str | Path | None, weights: str = "auto", task: str = "rec") -> Weights:
-    """Weights in our names plus their spec, from any kind of file this module knows (see the module docstring)."""
+def read_weights(path: str | Path | None, weights: str = "auto", task: str = "rec", lazy: bool = False) -> Weights:
+    """Weights in our names plus their spec, from any kind of file this module knows (see the module docstring).
+
+    ``lazy``: a model folder's or ``.safetensors`` file's tensors are read only when indexed (``LazyTensors``).
+    """
     source = resolve(path, task)
     if source.is_dir() or source.suffix == ".safetensors":
-        return _read_folder(source)
+        return _read_folder(source, lazy)
     obj = load_checkpoint(source)
     notices: list[str] = []
     if isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict):  # ours, from simvg train
@@ -292,14 +338,17 @@ def read_weights(path: str | Path | None, weights: str = "auto", task: str = "re
     )
 
 
-def _read_folder(source: Path) -> Weights:
+def _read_folder(source: Path, lazy: bool = False) -> Weights:
     folder = source if source.is_dir() else source.parent
     weights_path = source if source.is_file() else source / WEIGHTS_FILE
-    tensors, metadata = read_safetensors(weights_path)
+    tensors, metadata = read_safetensors(weights_path, lazy)
     if is_official_state(tensors):
         return _official(tensors, weights_path, "raw", [])
     if metadata.get("format") != "simvg":
         raise UserError(f"{weights_path}: not a simvg model (its metadata lacks format=simvg)")
+    if isinstance(tensors, dict) and "sha256" in metadata and content_hash(tensors) != metadata["sha256"]:
+        raise UserError(f"{weights_path}: corrupt weights: their content does not match the sha256 stored with them "
+                        "(the file changed after it was written); export or copy the model again")  # fmt: skip
     spec = read_spec(folder)
     tokenizer = folder / spec.tokenizer if spec.tokenizer else None
     if tokenizer is None and not (folder / SPEC_FILE).is_file():  # a legacy folder names the run's tokenizer
@@ -368,15 +417,25 @@ def load_artifact(
     tokenizer: str | Path | None = None,
     need_tokenizer: bool = False,
     task: str = "rec",
+    precision: str | None = None,
 ) -> Artifact:
     """Load any model file (see the module docstring) as an ``Artifact``; ``path=None`` is the embedded default.
 
     ``tokenizer`` replaces (or supplies, for official files) the model's sentencepiece file; with
-    ``need_tokenizer`` a model without one is a UserError saying to pass it.
+    ``need_tokenizer`` a model without one is a UserError saying to pass it. ``precision`` "int8" quantises the
+    Linear layers dynamically on the CPU (``simvg.inference.quantize``), reading the weights one layer at a time;
+    None or "fp32" loads them as they are.
     """
-    read = read_weights(path, weights, task)
+    from simvg.inference.quantize import build_int8, check_precision
+
+    precision = check_precision(precision, device)
+    dev = torch_device(device)
+    read = read_weights(path, weights, task, lazy=precision == "int8")
     tok = pick_tokenizer(read, tokenizer, need_tokenizer)
-    model = build(read.spec, read.state, str(read.path)).to(torch_device(device))
+    if precision == "int8":
+        model = build_int8(read.spec.architecture, read.state, read.path)
+    else:
+        model = build(read.spec, read.state, str(read.path)).to(dev)
     for notice in read.notices:
         log.info("%s", notice)
     return Artifact(model, read.spec, tok, read.path, read.kind, read.notices)
@@ -417,7 +476,7 @@ def save_folder(
         if half:
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         spec = dataclasses.replace(spec, tokenizer=TOKENIZER_FILE if tokenizer is not None else "")
-        metadata = {"format": "simvg", "version": "1", "weights": spec.weights}
+        metadata = {"format": "simvg", "version": "1", "weights": spec.weights, "sha256": content_hash(tensors)}
         if tokenizer is not None and tokenizer.resolve() != (out / TOKENIZER_FILE).resolve():
             atomic_write_bytes(tokenizer.read_bytes(), out / TOKENIZER_FILE)
         atomic_write_bytes(save(tensors, metadata=metadata), out / WEIGHTS_FILE)

@@ -1,9 +1,13 @@
 """Checkpoints: atomic writes, weights_only loads, prefix cleaning, checked partial loads, RNG round trip, export."""
 
 import os
+import pickle
 import random
+import signal
 import subprocess
 import sys
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from torch import nn
 from simvg.engine.ema import ModelEma
 from simvg.engine.optim import MultiStepLRWarmUp, build_optimizer, lr_factor
 from simvg.errors import UserError
+from simvg.utils import checkpoint as C
 from simvg.utils.checkpoint import (
     atomic_torch_save,
     clean_state_dict,
@@ -203,3 +208,224 @@ def test_ema_decay_warmup_and_update():
     assert ema.current_decay() == pytest.approx(2 / 11)
     ema.updates = 10_000
     assert ema.current_decay() == 0.999
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Details the first mutation run found untested (docs/mutation.md): the temporary file's name, place and mode,
+# missing folders, clean-up, the crash hook, the messages of unreadable files, prefix stripping, strict loading and
+# its key report, the RNG state layout.
+
+
+def test_atomic_write_creates_missing_folders(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "c" / "file.bin"
+    C.atomic_write_bytes(b"xyz", target)
+    assert target.read_bytes() == b"xyz"
+
+
+def test_temporary_file_is_hidden_beside_the_destination(tmp_path: Path) -> None:
+    """While writing, the data sits in ``.<name>.<random>.tmp`` in the destination's folder (same filesystem, so
+    the rename is atomic; the pattern is what ``remove_stale_temporaries`` deletes after a crash)."""
+    seen: list[list[str]] = []
+
+    def write(f) -> None:
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        f.write(b"data")
+
+    C.atomic_write(tmp_path / "last.pth", write)
+    (names,) = seen
+    assert len(names) == 1 and names[0].startswith(".last.pth.") and names[0].endswith(".tmp"), names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def test_written_file_has_the_mode_of_an_ordinary_open(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        C.atomic_write_bytes(b"x", tmp_path / "f")
+        with open(tmp_path / "g", "wb") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640 == (tmp_path / "g").stat().st_mode & 0o777
+
+
+def test_failed_write_raises_its_own_error_even_if_the_temporary_is_gone(tmp_path: Path) -> None:
+    """The clean-up after a failed write must not replace the error (here the temporary file has already vanished
+    when the clean-up tries to delete it)."""
+
+    def write(f) -> None:
+        for tmp in tmp_path.glob(".*.tmp"):
+            tmp.unlink()
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        C.atomic_write(tmp_path / "x.bin", write)
+    assert not list(tmp_path.iterdir())
+
+
+def test_directory_fsync_failure_is_harmless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some platforms cannot open a directory; the folder fsync is then skipped, not an error."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("cannot open a directory here")
+
+    monkeypatch.setattr(C.os, "open", refuse)
+    C._fsync_dir(tmp_path)  # no exception
+
+
+def test_removing_a_temporary_that_vanished_meanwhile_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".a.pth.1.tmp").write_bytes(b"")
+    gone = tmp_path / ".b.pth.2.tmp"  # listed, then deleted by another process before we get to it
+    listed = [tmp_path / ".a.pth.1.tmp", gone]
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(listed))
+    assert C.remove_stale_temporaries(tmp_path) == listed
+    assert not (tmp_path / ".a.pth.1.tmp").exists()
+
+
+def test_fault_hook_kills_the_process_at_the_nth_checkpoint_write(tmp_path: Path, monkeypatch) -> None:
+    """``SIMVG_FAULT_KILL_DURING_SAVE=2`` sends SIGKILL to this process during the second ``atomic_torch_save``
+    (after the temporary is written, before the rename); other writes do not count. In-process, with ``os.kill``
+    recorded instead of delivered (``test_kill_during_write_leaves_previous_checkpoint`` runs the real kill in a
+    child process, which mutation testing cannot see)."""
+
+    class Killed(BaseException):
+        pass
+
+    calls = []
+
+    def fake_kill(pid: int, sig: int) -> None:
+        calls.append((pid, sig))
+        raise Killed
+
+    monkeypatch.setattr(C.os, "kill", fake_kill)
+    monkeypatch.setattr(C, "_saves_done", 0)
+    monkeypatch.setenv("SIMVG_FAULT_KILL_DURING_SAVE", "2")
+    C.atomic_write_bytes(b"not counted", tmp_path / "other.bin")
+    C.atomic_torch_save({"i": 0}, tmp_path / "0.pth")
+    with pytest.raises(Killed):
+        C.atomic_torch_save({"i": 1}, tmp_path / "1.pth")
+    assert calls == [(os.getpid(), signal.SIGKILL)]
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["0.pth"]
+
+
+def test_a_pickled_object_is_refused_with_its_reason(tmp_path: Path) -> None:
+    """Arbitrary objects are never unpickled (``weights_only``); the message says why."""
+    path = tmp_path / "obj.pth"
+    torch.save({"model": {}, "extra": Fraction(1, 2)}, path)
+    message = (
+        f"{path}: not a readable checkpoint (it holds Python objects beyond tensors and plain data, which are never "
+        "unpickled here)"
+    )
+    with pytest.raises(UserError) as err:
+        C.load_checkpoint(path)
+    assert str(err.value) == message
+
+
+def _first_line_of_torch_error(path: Path) -> str:
+    with pytest.raises(Exception) as err:  # noqa: PT011 - whatever torch raises on this file
+        torch.load(path, map_location="cpu", weights_only=True)
+    text = str(err.value).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+@pytest.mark.parametrize("content", ["truncated", b"PK\x03\x04junk", b""])
+def test_an_unreadable_file_is_named_with_the_first_line_of_the_cause(tmp_path: Path, content) -> None:
+    """Torch's own error, first line only (an empty file's EOFError has no text: its type names it). (Plain garbage
+    bytes reach torch's weights-only unpickler, whose error is the "Python objects" one above.)"""
+    path = tmp_path / "bad.pth"
+    if content == "truncated":  # a zip that torch opens and then fails on
+        torch.save({"w": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    reason = _first_line_of_torch_error(path)
+    assert reason != "None" and (reason or content == b"")
+    with pytest.raises(UserError) as err:
+        C.load_checkpoint(path)
+    assert str(err.value) == f"{path}: not a readable checkpoint ({reason or 'EOFError'})"
+
+
+def test_a_file_that_is_not_a_dict_is_named_with_its_type(tmp_path: Path) -> None:
+    path = tmp_path / "list.pth"
+    torch.save([1, 2], path)
+    with pytest.raises(UserError) as err:
+        C.load_checkpoint(path)
+    assert str(err.value) == f"{path}: not a checkpoint (a list, expected a dict)"
+
+
+def test_first_line_of_an_error() -> None:
+    assert C._first_line(ValueError("one\ntwo")) == "one"
+    assert C._first_line(ValueError("  \n ")) == "ValueError"  # no text: the type's name
+    assert C._first_line(KeyError()) == "KeyError"
+    assert C._first_line(ValueError("x" * 400)) == "x" * 300
+
+
+def test_nested_wrapper_prefixes_are_stripped_in_any_order() -> None:
+    state = {"_orig_mod.module.a": 1, "module._orig_mod.b": 2, "module.module.c": 3, "d": 4}
+    assert C.clean_state_dict(state) == {"a": 1, "b": 2, "c": 3, "d": 4}
+
+
+def test_unwrap_model_through_ddp_and_compile(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    inner = nn.Linear(2, 2)
+
+    class Compiled(nn.Module):  # what torch.compile's wrapper exposes
+        def __init__(self, mod: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = mod
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(inner)
+        assert C.unwrap_model(ddp) is inner
+        assert C.unwrap_model(Compiled(ddp)) is inner
+    finally:
+        dist.destroy_process_group()
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))  # keys 0.weight, 0.bias, 1.weight, 1.bias
+
+
+def test_load_model_state_is_strict_by_default_and_reports_the_keys() -> None:
+    state = _model().state_dict()
+    del state["1.bias"]
+    state["extra.w"] = torch.zeros(1)
+    with pytest.raises(UserError) as err:
+        C.load_model_state(_model(), state)
+    assert str(err.value) == "checkpoint: 1 missing keys: 1.bias; 1 unexpected keys: extra.w"
+    only_missing = _model().state_dict()
+    del only_missing["0.bias"]
+    with pytest.raises(UserError, match=r"^run\.pth: 1 missing keys: 0\.bias$"):
+        C.load_model_state(_model(), only_missing, source="run.pth")
+    assert C.load_model_state(_model(), state, strict=False) == (["1.bias"], ["extra.w"])
+
+
+def test_shape_mismatch_message_and_hint() -> None:
+    state = _model().state_dict()
+    state["1.weight"] = torch.zeros(1, 4)
+    with pytest.raises(UserError) as err:
+        C.load_model_state(_model(), state)
+    assert str(err.value) == "checkpoint: shape mismatch for 1.weight: checkpoint (1, 4), model (1, 3)"
+    with pytest.raises(UserError, match=r"model \(1, 3\); reset 1\.weight to start fresh$"):
+        C.load_model_state(_model(), state, mismatch_hint="; reset {key} to start fresh")
+
+
+def test_describe_keys_lists_five_then_counts_the_rest() -> None:
+    keys = [f"k{i}" for i in range(7)]
+    assert C._describe_keys(keys, []) == "7 missing keys: k0, k1, k2, k3, k4 (+2 more)"
+    assert C._describe_keys(keys[:5], ["u"]) == "5 missing keys: k0, k1, k2, k3, k4; 1 unexpected keys: u"
+    assert C._describe_keys([], keys[:6]) == "6 unexpected keys: k0, k1, k2, k3, k4 (+1 more)"
+    assert C._describe_keys([], []) == "all keys match"
+
+
+def test_rng_state_layout_is_plain_integer_tensors() -> None:
+    """The layout is part of the checkpoint format: integer tensors (``weights_only``-safe), a ``cuda`` list."""
+    state = C.rng_state()
+    assert set(state) == {"torch", "cuda", "numpy", "python"}
+    assert state["numpy"]["keys"].dtype == torch.int64 and state["python"]["state"].dtype == torch.int64
+    if not torch.cuda.is_available():
+        assert state["cuda"] == []
+    C.set_rng_state(pickle.loads(pickle.dumps(state)))  # and it round-trips

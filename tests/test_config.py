@@ -153,3 +153,26 @@ def test_round_trip_through_plain_dict():
     cfg = Config()
     again = config_from_dict(to_dict(cfg))
     assert again == cfg and dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_every_config_field_is_read_by_the_code():
+    """A field that no code reads is a setting that silently does nothing (``data.test_splits`` was one). Each
+    field of the experiment config must be read somewhere in ``simvg/``: as an attribute (``.name``), or by name as
+    a string (``getattr``, ``"name"``), on a line other than its own definition. Bites on a new field left unread
+    (or on a reader deleted), e.g. the old ``test_splits`` appeared on its definition line only."""
+    import re
+
+    from simvg.config import EvalConfig, TrainConfig
+    from simvg.data.datasets import DataConfig
+    from simvg.losses import LossConfig
+
+    package = CONFIGS.parent / "simvg"
+    lines = [line for path in sorted(package.rglob("*.py")) for line in path.read_text().splitlines()]
+    unread = []
+    for cls in (ModelSection, DataConfig, LossConfig, TrainConfig, EvalConfig):
+        for f in dataclasses.fields(cls):
+            definition = re.compile(rf"^\s+{f.name}\s*:")
+            use = re.compile(rf"\.{f.name}\b|[\"']{f.name}[\"']")
+            if not any(use.search(line) and not definition.match(line) for line in lines):
+                unread.append(f"{cls.__name__}.{f.name}")
+    assert not unread, f"config fields no code reads: {unread}"

@@ -89,3 +89,24 @@ def test_num_boxes_is_averaged_across_processes():
     mp.spawn(_ddp_worker, args=(port, [1, 4], result), nprocs=2)
     assert result.tolist() == [2.5, 2.5]
     assert num_target_boxes([_target([])], torch.device("cpu")) == 1.0  # clamped at 1 without a process group
+
+
+def test_class_weight_is_a_non_persistent_buffer():
+    """The no-object weight is configuration, not a learned state: it must not enter a state dict (the official
+    checkpoints' ``empty_weight`` is dropped on load for the same reason)."""
+    criterion = SetCriterion(HungarianMatcher(), eos_coef=0.25)
+    assert criterion.class_weight.tolist() == [1.0, 0.25]
+    assert "class_weight" not in criterion.state_dict()
+
+
+def test_each_image_is_matched_to_its_own_targets_in_a_batch_of_three():
+    """Batch targets are concatenated; image i's matches index them through its offset. With three images (one or
+    two boxes each) and every prediction equal to its own image's ground truth, the box losses are exactly 0: an
+    offset subtracted instead of added, or offsets for the first image only, would pair boxes across images.
+    (With two images of one box each, -offset wraps onto the right index, so three are needed.)"""
+    gts = [[[0.2, 0.2, 0.1, 0.1]], [[0.5, 0.5, 0.2, 0.3], [0.8, 0.3, 0.1, 0.2]], [[0.3, 0.7, 0.3, 0.1]]]
+    preds = [gts[0] + [[0.9, 0.9, 0.05, 0.05]], gts[1], gts[2] + [[0.1, 0.9, 0.05, 0.05]]]
+    out = {"pred_logits": _logits_for([0.9, 0.1] * 3).reshape(3, 2, 2), "pred_boxes": torch.tensor(preds)}
+    losses = SetCriterion(HungarianMatcher())(out, [_target(g) for g in gts])
+    assert losses["loss_bbox"].item() == 0.0
+    assert abs(losses["loss_giou"].item()) < 1e-6

@@ -160,3 +160,38 @@ def test_teacher_weight_is_mean_over_all_matched_pairs_not_per_image():
     plain = SimVGLoss(LossConfig(distill_mode="none"))(outputs, targets)
     assert dynamic["distill_w"].item() == pytest.approx(expected, rel=1e-5)
     assert dynamic["loss_tgt"].item() == pytest.approx((1 - expected) * plain["loss_tgt"].item(), rel=1e-5)
+
+
+def test_a_missing_branch_is_named_before_any_loss_is_computed():
+    """Each branch the configuration needs is checked up front, with the message naming it (a KeyError from deep
+    inside the loss would not say which branch to run). Weights of exactly 1 are "needed" too."""
+    dec, tok = _branch([0.8], [[0.5, 0.5, 0.2, 0.2]]), _branch([0.5], [GT])
+    targets = [_target([GT])]
+    cases = [
+        (LossConfig(distill_mode="none"), {"token": tok}, "the loss needs the decoder branch"),
+        (LossConfig(distill_mode="none"), {"decoder": dec}, "the loss needs the token branch"),
+        (LossConfig(token=1.0, distill_mode="none"), {"decoder": dec}, "the loss needs the token branch"),
+        (LossConfig(decoder=1.0, token=0.0, distill=0.0), {"token": tok}, "the loss needs the decoder branch"),
+        # decoder weight 0 but DWBD on: the teacher is still the decoder
+        (LossConfig(decoder=0.0), {"token": tok},
+         "distillation needs the decoder branch; call the model with branch='both'"),
+    ]  # fmt: skip
+    for cfg, outputs, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            SimVGLoss(cfg)(outputs, targets)
+
+
+def test_token_weight_one_is_applied():
+    """A token weight of 1 (not only the default 2) switches the token term on."""
+    outputs = {"decoder": _branch([0.8], [[0.5, 0.5, 0.2, 0.2]]), "token": _branch([0.5], [GT])}
+    res = SimVGLoss(LossConfig(token=1.0, distill_mode="none"))(outputs, [_target([GT])])
+    assert math.isclose(res["loss_tgt"].item(), 1.0 * -math.log(0.5), rel_tol=1e-5)
+
+
+def test_loss_config_reaches_matcher_and_criterion():
+    cfg = LossConfig(cost_class=3.0, cost_bbox=7.0, cost_giou=4.0, weight_class=2.5, weight_bbox=6.0,
+                     weight_giou=3.5, eos_coef=0.2)  # fmt: skip
+    loss = SimVGLoss(cfg)
+    assert (loss.matcher.cost_class, loss.matcher.cost_bbox, loss.matcher.cost_giou) == (3.0, 7.0, 4.0)
+    assert loss.criterion.weights == {"loss_class": 2.5, "loss_bbox": 6.0, "loss_giou": 3.5}
+    assert loss.criterion.class_weight.tolist() == pytest.approx([1.0, 0.2])

@@ -333,3 +333,149 @@ def test_fit_with_dwbd_dynamic_dropout_and_drop_path(task, tmp_path):
         assert r["loss"] == pytest.approx(r["loss_dgt"] + r["loss_tgt"] + r["loss_kd"], rel=1e-5)
     assert any(r["distill_w"] > 0 and r["loss_kd"] > 0 for r in train)
     assert load_checkpoint(out / "best.pth")["best_metric"] == result["best_metric"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# simvg eval: command-line options and --set agree; every eval.* field is used; --split all
+
+
+def eval_args(*argv: str):
+    import argparse
+
+    from simvg.engine.commands import eval_arguments
+
+    parser = argparse.ArgumentParser()
+    eval_arguments(parser)
+    return parser.parse_args(["--checkpoint", "x", *argv])
+
+
+def settings_of(cfg, *argv: str, stored_eval: dict | None = None):
+    """``eval_settings`` for ``argv`` over ``cfg`` (+ its ``--set`` values), and what it printed to stderr."""
+    import contextlib
+    import io
+
+    from simvg.config import config_from_dict, to_dict
+    from simvg.engine.commands import eval_settings
+
+    args = eval_args(*argv)
+    raw = to_dict(cfg)
+    raw["eval"].update(stored_eval or {})
+    read = config_from_dict(raw, args.overrides)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        settings = eval_settings(args, read)
+    return settings, read, err.getvalue()
+
+
+def test_eval_options_win_over_set_and_say_so(trained):
+    """Bites if an option is ignored, if a --set is ignored, or if either wins silently."""
+    cfg, _ = trained
+    s, _, err = settings_of(cfg, "--split", "val", "--set", "eval.branch=token", "--set", "eval.max_samples=5")
+    assert (s.branch, s.max_samples, s.splits) == ("token", 5, ["val"]) and err == ""
+    s, _, err = settings_of(cfg, "--split", "val", "--branch", "decoder", "--max-samples", "3",
+                            "--set", "eval.branch=token", "--set", "eval.max_samples=5")  # fmt: skip
+    assert (s.branch, s.max_samples) == ("decoder", 3)
+    assert "--branch decoder wins over --set eval.branch" in err
+    assert "--max-samples 3 wins over --set eval.max_samples" in err
+    s, _, err = settings_of(cfg, "--split", "val", "--branch", "token")  # an option alone: nothing to say
+    assert s.branch == "token" and err == ""
+
+
+def test_eval_tokenizer_and_threads_options_win_over_set(trained, tmp_path):
+    from simvg.engine.commands import eval_threads
+
+    cfg, _ = trained
+    mine, theirs = str(tmp_path / "a.spm"), str(tmp_path / "b.spm")
+    _, read, err = settings_of(cfg, "--split", "val", "--tokenizer", mine, "--set", f"data.tokenizer={theirs}")
+    assert read.data.tokenizer == mine and f"--tokenizer {mine} wins over --set data.tokenizer" in err
+    _, read, err = settings_of(cfg, "--split", "val", "--threads", "2", "--set", "train.threads=3")
+    assert "--threads 2 wins over --set train.threads" in err
+    assert eval_threads(eval_args("--split", "val", "--threads", "2", "--set", "train.threads=3"), read) == 2
+    args = eval_args("--split", "val", "--set", "train.threads=3")
+    assert eval_threads(args, config_from_dict_of(cfg, args.overrides)) == 3  # a --set alone is used
+    assert eval_threads(eval_args("--split", "val"), cfg) is None  # the training run's threads=1 is not
+
+
+def config_from_dict_of(cfg, overrides):
+    from simvg.config import config_from_dict, to_dict
+
+    return config_from_dict(to_dict(cfg), overrides)
+
+
+def test_eval_reports_a_set_it_does_not_read(trained):
+    cfg, _ = trained
+    _, _, err = settings_of(cfg, "--split", "val", "--set", "train.lr=0.1", "--set", "loss.token=0",
+                            "--set", "data.flip_prob=0.5", "--set", "model.init_use_ema=true",
+                            "--set", "data.test_splits=[train]", "--set", "train.device=cpu",
+                            "--set", "data.root=" + cfg.data.root, "--set", "eval.iou_threshold=0.3")  # fmt: skip
+    lines = err.splitlines()
+    for key in ("train.lr", "loss.token", "data.flip_prob", "model.init_use_ema"):
+        assert f"simvg eval: --set {key} has no effect on evaluation (training only)" in lines
+    assert "simvg eval: --set data.test_splits has no effect on evaluation (read by --split all only)" in lines
+    assert len(lines) == 5  # train.device, data.root and eval.iou_threshold are read: nothing said about them
+    _, _, err = settings_of(cfg, "--split", "all", "--set", "data.test_splits=[train]")
+    assert err == ""
+
+
+def test_eval_reports_a_stored_validation_limit_instead_of_applying_it(trained):
+    cfg, _ = trained
+    s, _, err = settings_of(cfg, "--split", "val", stored_eval={"max_samples": 600})
+    assert s.max_samples == 0 and "eval.max_samples 600 of the config is a validation limit" in err
+    s, _, err = settings_of(cfg, "--split", "val", "--max-samples", "7", stored_eval={"max_samples": 600})
+    assert s.max_samples == 7 and err == ""
+
+
+def test_eval_split_all_is_val_then_test_splits(trained):
+    from simvg.engine.commands import eval_splits
+
+    cfg, _ = trained
+    data = dataclasses.replace(cfg.data, val_splits=["val", "testB"], test_splits=["testA", "testB"])
+    assert eval_splits("all", data) == ["val", "testB", "testA"]
+    assert eval_splits("testA", data) == ["testA"]
+    with pytest.raises(UserError, match="--split all: data.val_splits and data.test_splits are both empty"):
+        eval_splits("all", dataclasses.replace(cfg.data, val_splits=[], test_splits=[]))
+
+
+def test_eval_command_uses_every_eval_field_of_set(trained, monkeypatch, capsys):
+    """Each ``--set eval.*`` value reaches the evaluation: batch size and sample limit the loader, the rest the
+    ``evaluate`` call. Bites if any of them is dropped or replaced by the config's value."""
+    import simvg.engine.evaluate as evaluate_module
+
+    cfg, _ = trained
+    calls = []
+
+    def spy(model, loader, device, task, branch, **kw):
+        calls.append({"loader": loader, "task": task, "branch": branch, **kw})
+        return {"num_samples": float(len(loader.dataset)), "score": 0.0}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    settings = {"batch_size": 3, "branch": "token", "iou_threshold": 0.25, "score_threshold": 0.4,
+                "match_threshold": 0.6, "match_metric": "iou", "max_samples": 5}  # fmt: skip
+    assert set(settings) == {f.name for f in dataclasses.fields(cfg.eval)}  # a new eval field needs a line here
+    sets = [a for k, v in settings.items() for a in ("--set", f"eval.{k}={v}")]
+    assert main(["eval", "--checkpoint", f"{cfg.train.output_dir}/last.pth", "--split", "val", *sets]) == 0
+    (call,) = calls
+    assert call["loader"].batch_size == 3 and len(call["loader"].dataset) == 5 and call["branch"] == "token"
+    for key in ("iou_threshold", "score_threshold", "match_threshold", "match_metric"):
+        assert call[key] == settings[key], key
+    assert "simvg eval:" not in capsys.readouterr().err  # all read, nothing overridden
+
+
+def test_eval_split_all_evaluates_val_and_test_splits(trained, tmp_path, capsys):
+    """``--split all`` = each of data.val_splits then data.test_splits; the val figures equal ``--split val``'s, and
+    every dump line says its split. (The tiny dataset has train and val only; train stands in for a test split.)"""
+    cfg, _ = trained
+    ckpt = f"{cfg.train.output_dir}/last.pth"
+    assert main(["eval", "--checkpoint", ckpt, "--split", "val", "--json"]) == 0
+    val = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    dump = tmp_path / "all.jsonl"
+    assert main(["eval", "--checkpoint", ckpt, "--split", "all", "--json", "--set", "data.test_splits=[train]",
+                 "--dump", str(dump)]) == 0  # fmt: skip
+    both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(both) == ["val", "train"] and both["val"] == val
+    assert both["train"]["num_samples"] == 32  # 16 train entries x 2 expressions, each evaluated once
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [r["split"] for r in lines] == ["val"] * 8 + ["train"] * 32
+    assert main(["eval", "--checkpoint", ckpt, "--split", "all", "--set", "data.test_splits=[train]"]) == 0
+    out = capsys.readouterr().out
+    assert "val: 8 expressions" in out and "train: 32 expressions" in out

@@ -16,7 +16,7 @@ from simvg import artifact
 from simvg.artifact import ModelSpec, Preprocess, object_scores, postprocess
 from simvg.data.tokenizer import BEiT3Tokenizer
 from simvg.errors import UserError
-from simvg.inference.grounder import Grounder, GroundingResult
+from simvg.inference.grounder import Grounder, GroundingResult, check_text
 from simvg.models import MODEL_PRESETS
 
 
@@ -174,8 +174,9 @@ def test_text_limits_truncation_and_foreign_scripts(grounder):
         grounder.ground(scene(), "  \n ")
     with pytest.raises(UserError, match="empty after cleaning"):
         grounder.ground(scene(), "?!.")
+    assert grounder.ground(scene(), "a" * 1001).truncated  # no length limit by default: cut to the token budget
     with pytest.raises(UserError, match="limit is 1000"):
-        grounder.ground(scene(), "a" * 1001)
+        check_text("a" * 1001, 1000)  # a limit when one is set (the server's)
     with pytest.raises(UserError, match="cannot be tokenized"):
         grounder.ground(scene(), "red \ud800 circle")
     long = grounder.ground(scene(), "the red circle on the left " * 6)

@@ -167,3 +167,23 @@ def test_grec_target_expression_whose_only_kept_box_misses():
     assert summary["t_acc"] == pytest.approx(100 * 2 / 3)  # wrong and right kept a box; silent did not
     assert summary["pr_f1"] == pytest.approx(100 / 3)  # only right is correct
     assert grec_summary([wrong])["t_acc"] == 100.0 and grec_summary([wrong])["pr_f1"] == 0.0
+
+
+def test_rec_accuracy_takes_any_iterable_of_hits():
+    """A generator (not only a list or a tensor) is read once and counted."""
+    assert rec_accuracy(h for h in (True, False, True, True)) == pytest.approx(75.0)
+    assert rec_accuracy(torch.tensor([True, False])) == pytest.approx(50.0)
+    assert rec_accuracy([]) == 0.0
+
+
+def test_grec_outcome_fields_of_the_early_returns():
+    """Every field of the two early answers (no target; nothing kept) and of the matched one, as the dump writes
+    them: a no-target expression has no true/false positives or negatives whatever is kept, and a missed
+    two-target expression has fn = 2 (the number of targets, not of box coordinates)."""
+    empty = torch.zeros(0, 4)
+    assert grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.8]), empty) == GrecOutcome(True, 1, 0, 0, 0)
+    assert grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.1]), empty) == GrecOutcome(True, 0, 0, 0, 0)
+    two = boxes([0, 0, 10, 10], [20, 20, 30, 30])
+    assert grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.1]), two) == GrecOutcome(False, 0, 0, 0, 2)
+    found = grec_outcome(boxes([0, 0, 10, 10], [50, 50, 60, 60]), torch.tensor([0.9, 0.8]), two)
+    assert found == GrecOutcome(False, 2, 1, 1, 1) and found.no_target is False

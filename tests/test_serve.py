@@ -6,6 +6,7 @@ import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -61,7 +62,7 @@ def test_page_and_assets_are_served_without_external_urls(client):
 
 def test_healthz(client, grounder):
     body = client.get("/healthz").json()
-    assert body["status"] == "ok" and body["model"] == grounder.source
+    assert body["status"] == "ok" and body["model"] == Path(grounder.source).name
     assert body["queue"] == {"pending": 0, "size": ServeLimits().queue_size}
 
 
@@ -154,17 +155,17 @@ def test_load_50_concurrent_requests_all_answered(grounder):
 
 
 def test_serve_command_builds_the_app_from_its_options(grounder, monkeypatch, capsys):
-    import uvicorn
-
     from simvg.cli import main
+    from simvg.serve import app as serve_app
 
     started = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
-    argv = ["serve", "--checkpoint", grounder.source, "--port", "8123", "--max-text-chars", "5", "--queue-size", "2"]
+    monkeypatch.setattr(serve_app, "run_server", lambda app, sock: started.update(app=app, address=sock.getsockname()))
+    argv = ["serve", "--checkpoint", grounder.source, "--port", "0", "--max-text-chars", "5", "--queue-size", "2"]
     assert main(argv) == 0
-    assert (started["host"], started["port"]) == ("127.0.0.1", 8123)
-    assert "open http://127.0.0.1:8123/" in capsys.readouterr().out
-    with TestClient(started["app"]) as client:
+    host, port = started["address"]
+    assert host == "127.0.0.1" and port > 0
+    assert f"open http://127.0.0.1:{port}/" in capsys.readouterr().out
+    with TestClient(started["app"], base_url=f"http://127.0.0.1:{port}") as client:
         assert client.get("/healthz").json()["queue"]["size"] == 2
         assert "limit is 5" in post(client, png(), "the red circle").json()["error"]
     assert main(["serve", "--checkpoint", grounder.source, "--queue-size", "0"]) == 2

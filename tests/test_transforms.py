@@ -362,3 +362,150 @@ if importlib.util.find_spec("hypothesis") is not None:  # in the "test" extra; t
     def test_train_pipeline_alignment_property(case):
         """Hypothesis version of the seeded loop above (same checks, shrinks a failure to a minimal case)."""
         _lsj_flip_letterbox(*case)
+
+
+def test_resize_scales_a_crop_offset_with_the_image():
+    """After a crop the affine carries an offset; a resize scales it by the same per-axis factor as the image:
+    orig -> cropped (x + 10, y + 6) -> stretched 2x wide and 5x tall = (2x + 20, 5y + 30)."""
+    sample = Sample(Image.new("RGB", (50, 20)), torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "", affine=(1.0, 1.0, 10, 6))
+    out = Resize(100, "stretch")(sample)
+    assert out.image.size == (100, 100)
+    assert out.affine == pytest.approx((2.0, 5.0, 20.0, 30.0))  # 100/50 = 2, 100/20 = 5
+
+
+class _FixedDraw:
+    """An rng whose ``random()`` returns a chosen value (to pin the flip's boundary)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_flip_probability_is_exactly_prob():
+    """``RandomHorizontalFlip(p)`` flips iff the uniform draw u in [0, 1) is below p, so P(flip) = p exactly;
+    the default p is 0.5."""
+    assert RandomHorizontalFlip().prob == 0.5
+    flip = RandomHorizontalFlip(0.5)
+    assert flip(_sample(), _FixedDraw(0.4999)).boxes.tolist() == [[70.0, 5.0, 90.0, 25.0]]
+    assert flip(_sample(), _FixedDraw(0.5)).boxes.tolist() == BOX  # u == p: no flip
+
+
+def test_pipeline_uses_the_given_rng_and_a_fixed_one_otherwise():
+    cfg = DataConfig(image_size=64, lsj=True, flip_prob=0.5)
+    pipeline = build_train_transform(cfg)
+    runs = [pipeline(_sample(), np.random.default_rng(seed))[1]["input_to_orig"] for seed in range(6)]
+    assert len({tuple(r.tolist()) for r in runs}) > 1  # the draws follow the rng given
+    default = pipeline(_sample())[1]["input_to_orig"]
+    assert torch.equal(default, pipeline(_sample(), np.random.default_rng(0))[1]["input_to_orig"])
+
+
+@pytest.mark.parametrize("build", [build_test_transform, build_train_transform])
+def test_pipelines_normalise_and_pad_with_the_configs_mean_and_std(build):
+    """Both pipelines take mean and std from the config (not ImageNet's): a pixel v becomes (v/255 - m)/s, and the
+    letterbox padding is the mean colour round(255 m), which normalises to ~0."""
+    mean, std = [0.25, 0.5, 0.75], [0.5, 0.25, 0.125]
+    cfg = DataConfig(image_size=64, resize_mode="letterbox", lsj=False, mean=mean, std=std)
+    image, _, _ = build(cfg)(Sample(Image.new("RGB", (64, 32), (51, 102, 204)), torch.zeros(0, 4), ""))
+    for c, v in enumerate((51, 102, 204)):
+        assert image[c, 0, 0].item() == pytest.approx((v / 255 - mean[c]) / std[c], abs=1e-6)
+        pad = round(255 * mean[c])
+        assert image[c, 63, 0].item() == pytest.approx((pad / 255 - mean[c]) / std[c], abs=1e-6)
+
+
+def test_resize_is_bilinear():
+    """The documented interpolation (PIL's default for ``resize`` would be bicubic)."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    out = Resize(64, "stretch")(Sample(image, torch.zeros(0, 4), "")).image
+    assert np.array_equal(np.asarray(out), np.asarray(image.resize((64, 64), Image.Resampling.BILINEAR)))
+    assert not np.array_equal(np.asarray(out), np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC)))
+
+
+def test_resize_defaults_and_bad_mode():
+    assert Resize(64).mode == "stretch" and Resize(64).fill == (124, 116, 104)  # round(255 * ImageNet mean)
+    with pytest.raises(ValueError, match=r"resize mode 'crop' not in \('stretch', 'letterbox', 'letterbox_center'\)"):
+        Resize(64, "crop")
+
+
+@pytest.mark.parametrize(
+    "size, content, affine",
+    [
+        ((50, 100), (32, 64), (0.64, 0.64)),  # portrait: the long side is the height
+        ((2, 200), (1, 64), (0.5, 0.32)),  # 2 px wide -> round(0.64) = 1 px, never 0
+        ((200, 2), (64, 1), (0.32, 0.5)),
+    ],
+)
+def test_letterbox_keeps_the_ratio_of_portrait_and_extreme_images(size, content, affine):
+    out = Resize(64, "letterbox")(Sample(Image.new("RGB", size, (255, 0, 0)), torch.zeros(0, 4), ""))
+    assert out.image.size == (64, 64)
+    red = np.asarray(out.image)[..., 1] == 0  # the pasted content; the padding is the mean colour
+    assert (red.any(0).sum(), red.any(1).sum()) == content
+    assert out.affine == pytest.approx((*affine, 0.0, 0.0))
+
+
+def test_crop_coverage_edge_cases():
+    crops = np.array([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [20.0, 20.0, 30.0, 30.0]])
+    assert crop_coverage(np.zeros((0, 4)), crops).tolist() == [1.0, 1.0, 1.0]  # one value per crop
+    tiny = np.array([[1.0, 1.0, 1.5, 1.5]])  # 0.25 px^2, inside the first crop only
+    assert crop_coverage(tiny, crops).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_lsj_defaults_are_the_official_ones():
+    lsj = LargeScaleJitter()
+    assert (lsj.out_max_size, lsj.jitter_min, lsj.jitter_max, lsj.tries, lsj.min_coverage) == (640, 0.3, 1.4, 100, 0.3)
+    assert lsj.thresholds == (0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+@pytest.mark.parametrize("jitter, size, out_size, affine", [
+    (0.5, (1, 640), (1, 320), (1.0, 0.5)),  # s = 0.5: 1 px wide stays 1 px (round(0.5) = 0 -> 1)
+    (0.5, (640, 1), (320, 1), (0.5, 1.0)),
+    (1.8, (1, 640), (1, 640), (2.0, 1.8)),  # s = 1.8: scaled to 2 x 1152, then a 1 x 640 crop
+    (1.8, (640, 1), (640, 1), (1.8, 2.0)),
+])  # fmt: skip
+def test_lsj_on_one_pixel_wide_images(jitter, size, out_size, affine):
+    lsj = LargeScaleJitter(640, jitter_min=jitter, jitter_max=jitter)
+    out = lsj(Sample(Image.new("RGB", size), torch.zeros(0, 4), ""), np.random.default_rng(0))
+    assert out.image.size == out_size
+    assert out.affine[:2] == pytest.approx(affine)
+
+
+def test_lsj_at_scale_one_draws_nothing_after_the_scale():
+    """s = 1 is the un-cropped case: the augmentation stream then continues right after the scale draw (a crop
+    search would consume 2 x 5 x 100 more draws and shift every later draw of the sample)."""
+    rng, ref = np.random.default_rng(3), np.random.default_rng(3)
+    LargeScaleJitter(64, jitter_min=1.0, jitter_max=1.0)(_sample(), rng)
+    ref.uniform(1.0, 1.0)
+    assert rng.random() == ref.random()
+
+
+def _rounds(seed: int, high_x: int, high_y: int, tries: int = 100, rounds: int = 5) -> list[tuple[int, int]]:
+    """The first candidate offset of each threshold round, as ``_choose_crop`` draws them."""
+    rng = np.random.default_rng(seed)
+    firsts = []
+    for _ in range(rounds):
+        xs, ys = rng.integers(0, high_x, size=tries), rng.integers(0, high_y, size=tries)
+        firsts.append((int(xs[0]), int(ys[0])))
+    return firsts
+
+
+def test_lsj_crop_search_rounds_and_fallback():
+    """Every crop of the window covers the same share of the box here, so the rules decide alone: a coverage equal
+    to a threshold passes it (0.5: the first crop of the 0.5 round); with no threshold met, the best crop is the
+    earliest one found (1/3: the first of the first round) and is used if it reaches ``min_coverage`` (>=)."""
+    half = LargeScaleJitter()._choose_crop(torch.tensor([[0.0, 0.0, 200.0, 100.0]]), (200, 100), (100, 100),
+                                           np.random.default_rng(0))  # fmt: skip
+    assert half == _rounds(0, 101, 1)[4]
+    box, image, window = torch.tensor([[0.0, 0.0, 300.0, 100.0]]), (300, 100), (100, 100)
+    first = _rounds(0, 201, 1)[0]
+    assert LargeScaleJitter()._choose_crop(box, image, window, np.random.default_rng(0)) == first
+    exact = LargeScaleJitter(min_coverage=1 / 3)._choose_crop(box, image, window, np.random.default_rng(0))
+    assert exact == first
+    assert LargeScaleJitter(min_coverage=0.34)._choose_crop(box, image, window, np.random.default_rng(0)) is None
+
+
+def test_finish_clips_boxes_that_leave_the_image():
+    sample = Sample(Image.new("RGB", (64, 64)), torch.tensor([[-8.0, 16.0, 80.0, 96.0]]), "")
+    _, meta, _ = build_test_transform(DataConfig(image_size=64, lsj=False))(sample)
+    assert meta["boxes"].tolist() == [[0.5, 0.625, 1.0, 0.75]]  # [0, 16, 64, 64] in cxcywh / 64

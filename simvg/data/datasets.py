@@ -76,8 +76,8 @@ class DataConfig:
     max_tokens: int = 20
     tokenizer: str = ""
     train_split: str = "train"
-    val_splits: list[str] = field(default_factory=lambda: ["val"])
-    test_splits: list[str] = field(default_factory=list)
+    val_splits: list[str] = field(default_factory=lambda: ["val"])  # validated during training (best.pth)
+    test_splits: list[str] = field(default_factory=list)  # never during training; simvg eval --split all adds them
     data_sources: list[str] = field(default_factory=list)
     train_kinds: list[str] = field(default_factory=list)
     skip_bad: bool = False

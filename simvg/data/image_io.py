@@ -10,8 +10,8 @@ that all of them agree on orientation and colour handling:
   model has never seen as "background".
 - 16-bit images (``I;16``, ``I;16B``, ``I;16L``, ``I``) are scaled by 255/65535, so full range stays full range
   (Pillow's own ``convert("L")`` clips everything above 255 to white). ``I`` is taken as 16-bit because that is
-  what Pillow produces for 16-bit PNG/PGM/TIFF. ``F`` (float) images are taken as [0, 1] when their maximum is
-  <= 1, else as [0, 255], then clipped.
+  what Pillow produces for 16-bit PNG/PGM/TIFF. ``F`` (float) images are taken as [0, 1] when their largest finite
+  value is <= 1, else as [0, 255], then clipped; NaN is black, infinities are clipped.
 - Missing, empty, truncated, corrupt and non-image files, and images with more than ``max_pixels`` pixels
   (decompression bombs) raise ``UserError`` naming the file.
 """
@@ -104,8 +104,9 @@ def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     """High-bit-depth or float pixel array -> uint8 with the full input range mapped to 0..255."""
     values = array.astype(np.float64)
     if mode == "F":
-        scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
-        values = np.nan_to_num(values) * scale
+        finite = values[np.isfinite(values)]  # NaN and infinities (all of them, possibly) must not warn or decide
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0) * scale
     else:
         values = values * (255.0 / 65535.0)
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)

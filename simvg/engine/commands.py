@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,19 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
     parser.add_argument("--output", help="output folder (overrides train.output_dir)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from last.pth")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a model.pretrained file that needs full unpickling (trusted only)")  # fmt: skip
 
 
 def train_command(args: argparse.Namespace) -> int:
     from simvg.engine.train import NonFiniteLossError, fit
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.output}"] if args.output else [])
+    if args.output and _given(args.overrides, "train.output_dir"):
+        print(f"simvg train: --output {args.output} wins over --set train.output_dir", file=sys.stderr)
     cfg = load_config(args.config, overrides)
     try:
-        fit(cfg, resume=args.resume)
+        fit(cfg, resume=args.resume, allow_pickle=args.allow_pickle)
     except NonFiniteLossError as exc:
         print(f"simvg train: error: {exc}", file=sys.stderr)
         return 1
@@ -46,7 +51,9 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="YAML config for the data (default: the one stored with a training checkpoint)"
     )
-    parser.add_argument("--split", required=True, help="split to evaluate, e.g. val, testA")
+    parser.add_argument("--split", required=True,
+                        help="split to evaluate, e.g. val, testA; 'all': each split of data.val_splits, then of "
+                             "data.test_splits")  # fmt: skip
     parser.add_argument("--branch", choices=("token", "decoder", "both"), default=None,
                         help="branches to evaluate (default: eval.branch of the config, 'both')")  # fmt: skip
     parser.add_argument("--tokenizer", help="sentencepiece file for models that carry none (official: beit3.spm)")
@@ -57,7 +64,12 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="EMA or raw weights of a checkpoint (auto: EMA when present)")  # fmt: skip
     parser.add_argument("--max-samples", type=int, default=None,
                         help="the first N expressions only (default: eval.max_samples of --set, else all)")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.add_argument("--json", action="store_true",
+                        help="print the metrics as one JSON object (with --split all: one object per split, keyed "
+                             "by split)")  # fmt: skip
+    from simvg.inference.quantize import precision_arguments
+
+    precision_arguments(parser, compile=False)
 
 
 def eval_config(path: Path, config: str | None, overrides: list[str], stored: dict[str, Any] | None) -> Config:
@@ -74,23 +86,88 @@ def eval_config(path: Path, config: str | None, overrides: list[str], stored: di
     return config_from_dict({}, overrides, "--set")
 
 
+@dataclass
+class EvalSettings:
+    """What ``simvg eval`` runs with, once the command line and ``--set`` are reconciled."""
+
+    branch: str
+    max_samples: int
+    splits: list[str]
+
+
+# ``--set`` keys that ``simvg eval`` does not read: the model comes from --checkpoint, and these only shape training.
+TRAINING_ONLY = ("model", "loss", "train", "data.train_split", "data.lsj", "data.jitter_min", "data.jitter_max",
+                 "data.flip_prob", "data.data_sources", "data.train_kinds")  # fmt: skip
+EVAL_READS_TRAIN = ("train.device", "train.amp", "train.seed", "train.threads")  # the training keys it does read
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
 def _given(overrides: list[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+    return any(_key(o) == key for o in overrides)
 
 
-def eval_settings(args: argparse.Namespace, cfg: Config) -> tuple[str, int]:
-    """(branch, max_samples): a command-line option wins over ``--set`` (and says so); a training config's
-    validation limit is not an evaluation's, so ``eval.max_samples`` counts only when given with ``--set``."""
-    branch, limit = cfg.eval.branch, cfg.eval.max_samples if _given(args.overrides, "eval.max_samples") else 0
-    for option, key, value in (("--branch", "eval.branch", args.branch), ("--max-samples", "eval.max_samples",
-                                                                           args.max_samples)):  # fmt: skip
-        if value is not None and _given(args.overrides, key):
-            print(f"simvg eval: {option} {value} wins over --set {key}", file=sys.stderr)
-    if args.branch is not None:
-        branch = args.branch
-    if args.max_samples is not None:
-        limit = args.max_samples
-    return branch, limit
+def unused_overrides(overrides: list[str], split: str) -> list[str]:
+    """The ``--set`` keys that have no effect on this evaluation (each said once, in order)."""
+    unused = []
+    for key in dict.fromkeys(_key(o) for o in overrides):
+        training = key not in EVAL_READS_TRAIN and any(key == p or key.startswith(p + ".") for p in TRAINING_ONLY)
+        if training or (split != "all" and key in ("data.val_splits", "data.test_splits")):
+            unused.append(key)
+    return unused
+
+
+def eval_splits(split: str, data: Any) -> list[str]:
+    """``--split``: one split, or ``all``: data.val_splits then data.test_splits, each once."""
+    if split != "all":
+        return [split]
+    splits = list(dict.fromkeys([*data.val_splits, *data.test_splits]))
+    if not splits:
+        raise UserError("--split all: data.val_splits and data.test_splits are both empty")
+    return splits
+
+
+def eval_threads(args: argparse.Namespace, cfg: Config) -> int | None:
+    """``--threads``, else ``train.threads`` when given with ``--set`` (0: torch's default), else None."""
+    threads = getattr(args, "threads", None)
+    if threads is None and _given(args.overrides, "train.threads"):
+        threads = cfg.train.threads or None
+    return threads
+
+
+def eval_settings(args: argparse.Namespace, cfg: Config) -> EvalSettings:
+    """Reconcile the options with ``--set``: an option given on the command line wins (and says so); a ``--set``
+    that evaluation does not read says so too. A training config's validation limit is not an evaluation's, so
+    ``eval.max_samples`` counts only when given with ``--set`` (a stored one is reported, not applied); likewise
+    ``train.threads``. Every other ``eval.*`` value (batch_size, branch, iou_threshold, score_threshold,
+    match_threshold, match_metric) is used as the config and ``--set`` give it."""
+
+    def note(text: str) -> None:
+        print(f"simvg eval: {text}", file=sys.stderr)
+
+    overrides = args.overrides
+    options = (("--branch", "eval.branch", args.branch), ("--max-samples", "eval.max_samples", args.max_samples),
+               ("--threads", "train.threads", getattr(args, "threads", None)),
+               ("--tokenizer", "data.tokenizer", args.tokenizer))  # fmt: skip
+    for option, key, value in options:
+        if value is not None and _given(overrides, key):
+            note(f"{option} {value} wins over --set {key}")
+    for key in unused_overrides(overrides, args.split):
+        why = "read by --split all only" if key.startswith("data.") and key.endswith("_splits") else "training only"
+        note(f"--set {key} has no effect on evaluation ({why})")
+    limit = cfg.eval.max_samples if _given(overrides, "eval.max_samples") else 0
+    if args.max_samples is None and not limit and cfg.eval.max_samples:
+        note(f"eval.max_samples {cfg.eval.max_samples} of the config is a validation limit of training; evaluating "
+             "every expression (pass --max-samples N for the first N)")  # fmt: skip
+    if args.tokenizer is not None:
+        cfg.data.tokenizer = str(args.tokenizer)
+    return EvalSettings(
+        branch=args.branch if args.branch is not None else cfg.eval.branch,
+        max_samples=args.max_samples if args.max_samples is not None else limit,
+        splits=eval_splits(args.split, cfg.data),
+    )
 
 
 def match_model(cfg: Config, loaded: Any, overrides: list[str]) -> None:
@@ -116,11 +193,16 @@ def eval_command(args: argparse.Namespace) -> int:
     cfg = eval_config(path, args.config, args.overrides, stored)
     info = dist.init_distributed(cfg.train.device)
     try:
-        loaded = load_artifact(path, weights=args.weights, device=info.device, tokenizer=args.tokenizer)
+        from simvg.inference.quantize import set_threads
+
+        set_threads(eval_threads(args, cfg))
+        loaded = load_artifact(path, weights=args.weights, device=info.device, tokenizer=args.tokenizer,
+                               precision=args.precision)  # fmt: skip
         for notice in loaded.notices:
             print(notice, file=sys.stderr)
         match_model(cfg, loaded, args.overrides)
-        branch, cfg.eval.max_samples = eval_settings(args, cfg)
+        settings = eval_settings(args, cfg)
+        cfg.eval.max_samples = settings.max_samples
         spec, _, _ = resolve_paths(cfg.data)
         task = dataset_task(spec, Path(cfg.data.root))
         if task != loaded.spec.task:
@@ -129,15 +211,24 @@ def eval_command(args: argparse.Namespace) -> int:
                             f"evaluated on {cfg.data.dataset}, a {task.upper()} dataset")  # fmt: skip
         tokenizer = build_tokenizer(cfg.data)
         check_vocab(loaded.spec.architecture.encoder.vocab_size, tokenizer)
-        dataset = build_dataset(cfg.data, args.split, False, tokenizer, seed=cfg.train.seed)
-        loader = eval_loader(cfg, dataset, info)
         e = cfg.eval
+        results: dict[str, dict[str, float]] = {}
         records: list[dict[str, Any]] | None = [] if args.dump else None
-        metrics = evaluate(loaded.model, loader, info.device, task, branch, iou_threshold=e.iou_threshold,
-                           score_threshold=e.score_threshold, match_threshold=e.match_threshold,
-                           match_metric=e.match_metric, amp=cfg.train.amp, dump=records)  # fmt: skip
+        for split in settings.splits:
+            dataset = build_dataset(cfg.data, split, False, tokenizer, seed=cfg.train.seed)
+            loader = eval_loader(cfg, dataset, info)
+            found: list[dict[str, Any]] | None = [] if args.dump else None
+            results[split] = evaluate(loaded.model, loader, info.device, task, settings.branch,
+                                      iou_threshold=e.iou_threshold, score_threshold=e.score_threshold,
+                                      match_threshold=e.match_threshold, match_metric=e.match_metric,
+                                      amp=cfg.train.amp, dump=found)  # fmt: skip
+            if records is not None and found is not None:
+                records += [{"split": split, **record} for record in found]
         if info.is_main:
-            print(json.dumps(metrics) if args.json else format_metrics(args.split, task, loaded.spec.weights, metrics))
+            if args.json:
+                print(json.dumps(results if args.split == "all" else results[args.split]))
+            else:
+                print("\n".join(format_metrics(s, task, loaded.spec.weights, m) for s, m in results.items()))
             if records is not None:
                 write_dump(Path(args.dump), records)
     finally:

@@ -53,13 +53,19 @@ class GrecOutcome:
     @property
     def f1(self) -> float:
         """F1 of the matching; a no-target expression scores 1 when nothing was kept, else 0."""
-        if self.no_target:
-            return 1.0 if self.num_kept == 0 else 0.0
-        return 2 * self.tp / (2 * self.tp + self.fp + self.fn)
+        return outcome_f1(self)
 
     @property
     def correct(self) -> bool:
-        return self.f1 >= 1.0
+        return outcome_f1(self) >= 1.0
+
+
+# The formula lives in a plain function: make mutate (docs/mutation.md) does not mutate the bodies of properties.
+def outcome_f1(o: GrecOutcome) -> float:
+    """F1 of ``o``'s matching; a no-target expression scores 1 when nothing was kept, else 0."""
+    if o.no_target:
+        return 1.0 if o.num_kept == 0 else 0.0
+    return 2 * o.tp / (2 * o.tp + o.fp + o.fn)
 
 
 def greedy_match_count(scores: Tensor, threshold: float) -> int:

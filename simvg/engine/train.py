@@ -5,6 +5,12 @@ decay, gradient clipping 0.15, optional EMA, validation every epoch, ``best.pth`
 apart from ``last.pth``. Additions: autocast (bf16/fp16 on CUDA), opt-in ``torch.compile``, checkpoints every K
 steps, exact resume at a step boundary, and a clear stop on a non-finite loss.
 
+Crash safety: every file is written atomically, and at an epoch end ``best.pth`` is written before ``last.pth``, so
+a crash between the two leaves ``last.pth`` at the previous checkpoint and the resumed run re-does the epoch and
+writes ``best.pth`` again (the other order could lose ``best.pth`` for good). On resume, ``metrics.jsonl`` loses
+the records of the steps after the checkpoint, which the resumed run logs again. Paths of the config (data root,
+tokenizer, starting weights) are stored absolute, so the run's checkpoints work from any folder.
+
 Exact resume: the sample order of an epoch is a permutation drawn from (seed, epoch) and sharded over ranks the
 way ``DistributedSampler`` does it, and the dataset draws expressions and augmentation from (seed, epoch, index);
 a resumed run skips the batches already trained and restores every RNG, so it sees the same batches as an
@@ -15,7 +21,9 @@ weight the distillation per shard (docs/design.md B6).
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from simvg.artifact import read_weights
-from simvg.config import Config, model_settings, save_config, to_dict
+from simvg.config import Config, dump_config, model_settings, to_dict
 from simvg.data.collate import collate
 from simvg.data.datasets import (
     DataConfig,
@@ -48,6 +56,8 @@ from simvg.losses import SimVGLoss
 from simvg.models import SimVG
 from simvg.utils import dist
 from simvg.utils.checkpoint import (
+    atomic_write,
+    atomic_write_bytes,
     load_checkpoint,
     load_model_state,
     remove_stale_temporaries,
@@ -55,7 +65,15 @@ from simvg.utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from simvg.utils.logging import Averages, MetricsWriter, format_duration, get_logger, setup_logging
+from simvg.utils.logging import (
+    Averages,
+    MetricsWriter,
+    format_duration,
+    get_logger,
+    plain_float,
+    read_metrics,
+    setup_logging,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,8 +155,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, with_weights: bool = True) -> SimVG:
-    """The model of ``cfg.model`` (on CPU); with ``with_weights`` also BEiT-3 weights and ``init_from``."""
+def build_model(cfg: Config, with_weights: bool = True, allow_pickle: bool = False) -> SimVG:
+    """The model of ``cfg.model`` (on CPU); with ``with_weights`` also BEiT-3 weights and ``init_from``.
+
+    ``allow_pickle`` lets a BEiT-3 file that needs full unpickling load (``simvg train --allow-pickle``; trusted
+    files only)."""
     model = SimVG(model_settings(cfg.model))
     if not with_weights:
         return model
@@ -149,7 +170,7 @@ def build_model(cfg: Config, with_weights: bool = True) -> SimVG:
         log.info(
             "BEiT-3 weights from %s: %s",
             cfg.model.pretrained,
-            load_beit3_pretrained(model.encoder, cfg.model.pretrained),
+            load_beit3_pretrained(model.encoder, cfg.model.pretrained, allow_pickle=allow_pickle),
         )
     if cfg.model.init_from:
         init_weights(model, cfg.model.init_from, cfg.model.init_use_ema, cfg.data, cfg.model.init_reset)
@@ -276,20 +297,33 @@ def wrap_for_training(model: SimVG, cfg: Config, info: dist.DistInfo) -> nn.Modu
     return net
 
 
-def setup_run(cfg: Config, resume: bool) -> Run:
+def absolute_paths(cfg: Config) -> None:
+    """Make the config's input paths absolute (data root and tokenizer, starting weights) so that the stored config
+    works from any folder (``simvg eval`` of the run elsewhere)."""
+    cfg.data.root = str(Path(cfg.data.root).absolute())
+    if cfg.data.tokenizer:
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).absolute())
+    for name in ("pretrained", "init_from"):
+        value = getattr(cfg.model, name)
+        if value:
+            setattr(cfg.model, name, str(Path(value).absolute()))
+
+
+def setup_run(cfg: Config, resume: bool, allow_pickle: bool = False) -> Run:
     """Build everything for ``fit``: process group, output folder, data, model, optimiser, and resume state."""
     info = dist.init_distributed(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    absolute_paths(cfg)
     out_dir = Path(cfg.train.output_dir)
-    setup_logging(info.rank, out_dir / "train.log")
     check_output_dir(out_dir, resume)
+    setup_logging(info.rank, out_dir / "train.log")
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     seed_everything(cfg.train.seed)  # same initial weights on every rank
     task, train_loader, val_loaders = build_loaders(cfg, info)
-    model = build_model(cfg, with_weights=not resume).to(info.device)
+    model = build_model(cfg, with_weights=not resume, allow_pickle=allow_pickle).to(info.device)
     loss_fn = SimVGLoss(cfg.loss).to(info.device)
     t = cfg.train
     optimizer = build_optimizer(model, t.lr, t.encoder_lr_scale, t.betas, t.eps, t.weight_decay, t.amsgrad)
@@ -301,20 +335,40 @@ def setup_run(cfg: Config, resume: bool) -> Run:
     run = Run(cfg, info, out_dir, model, net, loss_fn, optimizer, scheduler, scaler, ema, task, train_loader,
               val_loaders, writer)  # fmt: skip
     if resume:
-        restore(run, out_dir / "last.pth")
+        restore(run, resume_point(out_dir))
+        if info.is_main:
+            rewind_metrics(run)
+            restore_best(run)
+        dist.barrier()
     if not resume:
         seed_everything(cfg.train.seed + info.rank)  # ranks draw different dropout masks
     return run
 
 
+def resume_point(out_dir: Path) -> Path:
+    """``last.pth``; ``best.pth`` when a crash came between writing ``best.pth`` and the first ``last.pth``."""
+    last, best = out_dir / "last.pth", out_dir / "best.pth"
+    if last.is_file() or not best.is_file():
+        return last
+    get_logger().warning("%s is missing: resuming from %s (written just before it)", last, best)
+    return best
+
+
 def check_output_dir(out_dir: Path, resume: bool) -> None:
-    if resume and not (out_dir / "last.pth").is_file():
+    if resume and not resume_point(out_dir).is_file():
         raise UserError(f"{out_dir / 'last.pth'}: nothing to resume (no checkpoint in the output folder)")
-    if not resume and (out_dir / "last.pth").is_file():
+    if not resume and resume_point(out_dir).is_file():
         raise UserError(f"{out_dir}: holds a run already (last.pth); pass --resume to continue or another --output")
     if dist.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out_dir)
+            probe = out_dir / ".simvg-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise UserError(f"{out_dir}: cannot write the run there ({reason}); pass another --output") from None
     dist.barrier()
 
 
@@ -338,6 +392,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run, names: tuple[str, ...] = ("last.pth",)) -> None:
+    """Write the checkpoint under each of ``names``, in order (``last.pth`` last: see the module docstring)."""
     state = checkpoint_state(run)
     if run.info.is_main:
         for name in names:
@@ -372,6 +427,50 @@ def restore(run: Run, path: Path) -> None:
     changed = config_changes(obj.get("config", {}), to_dict(run.cfg))
     get_logger().info("resumed %s at epoch %d, batch %d, step %d%s", path, run.state.epoch, run.state.epoch_step,
                       run.state.step, f" (config changed: {', '.join(changed)})" if changed else "")  # fmt: skip
+
+
+def recorded_before(record: dict[str, Any], state: TrainState) -> bool:
+    """Whether a ``metrics.jsonl`` record was written before the checkpoint ``state`` came from: records of later
+    steps, and the epoch-end records of an epoch the checkpoint has not ended yet, are re-done by a resumed run."""
+    step = record.get("step")
+    if not isinstance(step, int) or step < state.step:
+        return True
+    if step > state.step:
+        return False
+    if record.get("event") in ("epoch", "val"):
+        return isinstance(record.get("epoch"), int) and record["epoch"] < state.epoch
+    return True
+
+
+def rewind_metrics(run: Run) -> None:
+    """Drop the records a resumed run writes again (steps after its checkpoint) from ``metrics.jsonl``."""
+    path = run.writer.path
+    if path is None or not path.is_file():
+        return
+    records = read_metrics(path)
+    kept = [r for r in records if recorded_before(r, run.state)]
+    if len(kept) < len(records):
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")))
+        get_logger().info("metrics.jsonl: %d records after step %d dropped (re-done by this run)",
+                          len(records) - len(kept), run.state.step)  # fmt: skip
+
+
+def restore_best(run: Run) -> None:
+    """Re-create ``best.pth`` when ``last.pth`` is the best model itself but ``best.pth`` is missing (a run of an
+    older version killed between the two writes): that is the case when the last validation record is of the
+    checkpoint's own step and scored ``best_metric``."""
+    best, last = run.out_dir / "best.pth", run.out_dir / "last.pth"
+    s = run.state
+    if best.is_file() or s.best_metric is None or s.epoch_step != 0 or run.writer.path is None:
+        return
+    vals = [r for r in read_metrics(run.writer.path) if r.get("event") == "val"] if run.writer.path.is_file() else []
+    if vals and vals[-1].get("step") == s.step and vals[-1].get("score") == plain_float(s.best_metric):
+        with last.open("rb") as src:
+            atomic_write(best, lambda f: shutil.copyfileobj(src, f))
+        get_logger().warning("%s was missing; re-created from %s (the best model, step %d)", best, last, s.step)
+    else:
+        get_logger().warning("%s is missing although %s records a best score of %s: it is written again at the "
+                             "next improvement", best, last, s.best_metric)  # fmt: skip
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -526,17 +625,20 @@ def end_epoch(run: Run, train_means: dict[str, float]) -> None:
         run.writer.write("val", epoch=epoch, step=run.state.step, **metrics)
         if run.state.best_metric is None or metrics["score"] > run.state.best_metric:
             run.state.best_metric = metrics["score"]
-            names = ("last.pth", "best.pth")
+            names = ("best.pth", "last.pth")  # best first: a crash between the two must not lose best.pth
     run.state.epoch, run.state.epoch_step = epoch + 1, 0
     save(run, names)
 
 
-def fit(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` (in this process's share under torchrun); returns the final state and metrics."""
-    run = setup_run(cfg, resume)
+def fit(cfg: Config, resume: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (in this process's share under torchrun); returns the final state and metrics.
+
+    ``allow_pickle`` lets a BEiT-3 ``model.pretrained`` file that needs full unpickling load (trusted files only).
+    """
+    run = setup_run(cfg, resume, allow_pickle)
     log = get_logger()
     if run.info.is_main:
-        save_config(cfg, run.out_dir / "config.yaml")
+        atomic_write_bytes(dump_config(cfg).encode("utf-8"), run.out_dir / "config.yaml")
         log.info("run %s (config: %s)", run.out_dir, run.out_dir / "config.yaml")
     log.info("task %s, %d processes on %s, %d train samples, %d steps per epoch, %d steps in all",
              run.task, run.info.world_size, run.info.device, len(run.train_loader.dataset),

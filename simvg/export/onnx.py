@@ -8,6 +8,11 @@ the folder is self-contained, and the model's metadata records the branch. After
 ONNX Runtime and compared with eager PyTorch (batch 3, a batch size the export never saw); a difference over 1e-4
 is an error.
 
+With ``--int8`` the verified fp32 graph is then quantised by ONNX Runtime's own dynamic quantisation
+(``onnxruntime.quantization.quantize_dynamic``: int8 weights per output channel for every MatMul/Gemm with a constant
+weight, activations quantised per call), the file's metadata records ``precision: int8``, and the int8 graph is run
+on the same batch: its max difference from fp32 PyTorch is printed, and over ``INT8_TOLERANCE`` it is an error.
+
 We use the TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``, while the dynamo exporter would
 add ``onnxscript`` as a dependency.
 """
@@ -15,8 +20,12 @@ add ``onnxscript`` as a dependency.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +38,9 @@ from simvg.utils.checkpoint import atomic_write_bytes
 
 OPSET = 17
 TOLERANCE = 1e-4
+# int8 graph vs fp32 PyTorch, on logits and normalised boxes: a sanity bound, far above what int8 costs a trained model
+# (benchmarks/RESULTS.md, "int8 inference"); a broken quantisation (wrong scales, wrong op) lands far beyond it.
+INT8_TOLERANCE = 0.25
 INPUTS = ("image", "text_ids", "text_pad_mask")
 OUTPUTS = ("logits", "boxes")
 
@@ -73,6 +85,37 @@ def _write_graph(module: BranchModel, inputs: tuple[Tensor, ...], out: Path) -> 
     onnx.save(graph, str(out))
 
 
+def quantize_graph(fp32: Path, out: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantisation of the graph at ``fp32`` into ``out`` (metadata kept, plus
+    ``precision: int8``)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, _without_preprocessing_hint():
+        staged = Path(tmp) / "int8.onnx"
+        quantize_dynamic(fp32, staged, per_channel=True, weight_type=QuantType.QInt8)
+        graph = onnx.load(str(staged))
+    props = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    onnx.helper.set_model_props(graph, {**props, "precision": "int8"})
+    atomic_write_bytes(graph.SerializeToString(), out)
+
+
+@contextlib.contextmanager
+def _without_preprocessing_hint() -> Iterator[None]:
+    """Drop onnxruntime's root-logger hint to run its pre-processing first (shape inference and graph fusions for
+    static quantisation; dynamic int8 of a traced graph does not need it)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def max_difference(module: BranchModel, out: Path, inputs: tuple[Tensor, ...]) -> float:
     """Largest absolute difference between ONNX Runtime and eager PyTorch over both outputs."""
     import onnxruntime as ort
@@ -91,11 +134,13 @@ def export_onnx(
     out: str | Path,
     tokenizer: str | Path | None = None,
     weights: str = "auto",
+    int8: bool = False,
 ) -> tuple[Path, float]:
     """Export ``branch`` (None: the model's default) of ``checkpoint`` (any file ``simvg.artifact`` reads; None =
-    embedded default) to ``out``.
+    embedded default) to ``out``; ``int8``: then quantise it (ONNX Runtime's dynamic int8).
 
-    Returns (the .onnx path, the max |ONNX - PyTorch| on a fresh batch). Raises UserError past ``TOLERANCE``.
+    Returns (the .onnx path, the max |ONNX - PyTorch| on a fresh batch: of the fp32 graph, or with ``int8`` of the
+    int8 graph against fp32 PyTorch). Raises UserError past ``TOLERANCE`` (fp32 graph) or ``INT8_TOLERANCE``.
     """
     from simvg.data.tokenizer import BEiT3Tokenizer
 
@@ -110,16 +155,36 @@ def export_onnx(
     size = loaded.spec.preprocess.image_size
     tok = BEiT3Tokenizer(loaded.tokenizer, max_len=loaded.spec.preprocess.max_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_graph(module, example_inputs(tok, size, ["the left one", "a red circle"]), out)
+    fp32 = out.with_name(f".{out.stem}.fp32.onnx") if int8 else out
+    try:
+        difference = _export_checked(module, tok, size, fp32)
+        if int8:
+            quantize_graph(fp32, out)
+    finally:
+        if int8:
+            fp32.unlink(missing_ok=True)
     spec = dataclasses.replace(loaded.spec, branch=branch, tokenizer=TOKENIZER_FILE)
     atomic_write_bytes(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode("utf-8"), out.parent / SPEC_FILE)
     if loaded.tokenizer.resolve() != (out.parent / TOKENIZER_FILE).resolve():
         atomic_write_bytes(loaded.tokenizer.read_bytes(), out.parent / TOKENIZER_FILE)
-    texts = ["the second circle from the left", "x", "a very long expression " * 4]
-    difference = max_difference(module, out, example_inputs(tok, size, texts))
+    if int8:
+        difference = max_difference(module, out, example_inputs(tok, size, PARITY_TEXTS))
+        if not difference <= INT8_TOLERANCE:
+            raise UserError(f"{out}: int8 ONNX and fp32 PyTorch outputs differ by {difference:.2e} "
+                            f"(> {INT8_TOLERANCE:g}): the quantised graph is broken")  # fmt: skip
+    return out, difference
+
+
+PARITY_TEXTS = ["the second circle from the left", "x", "a very long expression " * 4]
+
+
+def _export_checked(module: BranchModel, tok, size: int, out: Path) -> float:
+    """Write the fp32 graph of ``module`` to ``out`` and check it against eager PyTorch (batch 3); the difference."""
+    _write_graph(module, example_inputs(tok, size, ["the left one", "a red circle"]), out)
+    difference = max_difference(module, out, example_inputs(tok, size, PARITY_TEXTS))
     if not difference <= TOLERANCE:
         raise UserError(f"{out}: ONNX and PyTorch outputs differ by {difference:.2e} (> {TOLERANCE:g})")
-    return out, difference
+    return difference
 
 
 def export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +198,8 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
         "--branch", choices=("token", "decoder"), default=None, help="the branch to export (default: the model's own)"
     )
     parser.add_argument("--out", required=True, help="MODEL.onnx; model.yaml and tokenizer.spm go beside it")
+    parser.add_argument("--int8", action="store_true",
+                        help="quantise the graph to dynamic int8 (ONNX Runtime's; CPU, see README)")  # fmt: skip
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -141,8 +208,9 @@ def export_command(args: argparse.Namespace) -> int:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError("export needs onnx and onnxruntime: pip install 'simvg[export]'") from None
-    path, difference = export_onnx(args.checkpoint, args.branch, args.out, tokenizer=args.tokenizer)
+    path, difference = export_onnx(args.checkpoint, args.branch, args.out, tokenizer=args.tokenizer, int8=args.int8)
     branch = args.branch or "the model's default"
-    print(f"wrote {path} ({branch} branch; max |ONNX - PyTorch| = {difference:.1e}) with model.yaml and "
-          f"tokenizer.spm beside it")  # fmt: skip
+    parity = f"int8; max |int8 ONNX - fp32 PyTorch| = {difference:.1e}" if args.int8 else \
+        f"max |ONNX - PyTorch| = {difference:.1e}"  # fmt: skip
+    print(f"wrote {path} ({branch} branch; {parity}) with model.yaml and tokenizer.spm beside it")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from typing import Any
 
 from simvg.artifact import SCORE_THRESHOLD
 from simvg.errors import UserError
+from simvg.inference.quantize import precision_arguments
 
 MAX_REPORTED_BAD = 10
 
@@ -37,6 +38,7 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD,
                         help="GREC: keep boxes scoring at least this")  # fmt: skip
+    precision_arguments(parser)
 
 
 def load_grounder(args: argparse.Namespace, **limits: int):
@@ -45,7 +47,9 @@ def load_grounder(args: argparse.Namespace, **limits: int):
 
     grounder = Grounder.from_checkpoint(
         args.checkpoint, device=args.device, branch=args.branch, tokenizer=args.tokenizer,
-        score_threshold=args.score_threshold, weights=args.weights, **limits,
+        score_threshold=args.score_threshold, weights=args.weights, precision=args.precision, threads=args.threads,
+        compile=args.compile,
+        **limits,
     )  # fmt: skip
     for notice in grounder.notices:
         print(notice, file=sys.stderr)
@@ -75,12 +79,16 @@ def _describe(result) -> str:
 
 
 def _save_image(image, out: str) -> None:
+    """Write ``image`` atomically in the format its name says; an unwritable place is a UserError naming it."""
+    from PIL import Image
+
+    from simvg.utils.checkpoint import atomic_write
+
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        image.save(path)
-    except (ValueError, KeyError):
-        raise UserError(f"{path}: unknown image format; use a .png or .jpg name") from None
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{path}: unknown image format; use a .png or .jpg name")
+    atomic_write(path, lambda f: image.save(f, format=fmt))
 
 
 def ground_command(args: argparse.Namespace) -> int:
@@ -108,8 +116,11 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", required=True, help='JSONL: {"image": ..., "text": ..., "id": ...} per line')
     parser.add_argument("--out", required=True, help="JSONL predictions, one line per query")
     model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
     parser.add_argument("--skip-bad", action="store_true", help="count and report bad lines instead of stopping")
+    parser.add_argument("--format", choices=("jsonl", "coco"), default="jsonl",
+                        help="jsonl: one result per query; coco: a JSON array of COCO-style detections")  # fmt: skip
+    parser.add_argument("--vis-dir", default=None, help="also write each query's picture with its boxes here")
 
 
 @dataclass
@@ -121,6 +132,7 @@ class Query:
     image: str
     path: Path
     text: str
+    image_id: Any = None  # the line's optional "image_id" (e.g. a COCO image id), passed through
 
 
 def parse_query(raw: str, line: int, images_dir: Path) -> Query:
@@ -137,13 +149,22 @@ def parse_query(raw: str, line: int, images_dir: Path) -> Query:
     rel = Path(obj["image"])
     if rel.is_absolute() or ".." in rel.parts:
         raise UserError(f"image {obj['image']!r} must be a path inside --images")
-    return Query(line, obj.get("id", line), obj["image"], images_dir / rel, obj["text"])
+    return Query(line, obj.get("id", line), obj["image"], images_dir / rel, obj["text"], obj.get("image_id"))
 
 
 def _read_queries(path: Path, images_dir: Path, bad: list[str], skip_bad: bool) -> Iterator[Query]:
-    """Valid queries of ``path``, in order; bad lines raise or (with ``skip_bad``) go to ``bad``."""
-    with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
+    """Valid queries of ``path``, in order; bad lines raise or (with ``skip_bad``) go to ``bad``. A line that is not
+    UTF-8 is a bad line; a UTF-8 byte-order mark at the start of the file is ignored."""
+    with path.open("rb") as f:
+        for number, data in enumerate(f, start=1):
+            if number == 1 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                where = f"byte 0x{data[exc.start]:02x} at column {exc.start + 1}"
+                _bad(bad, f"{path}:{number}: not UTF-8 text ({where}); save the file as UTF-8", skip_bad)
+                continue
             if not raw.strip():
                 continue
             try:
@@ -169,8 +190,11 @@ def _batches(queries: Iterator[Query], size: int) -> Iterator[list[Query]]:
         yield batch
 
 
-def _ground_batch(grounder, batch: list[Query], path: Path, bad: list[str], skip_bad: bool) -> list[dict]:
-    """Predictions for the good queries of one batch; image and text errors are reported per line."""
+def _ground_batch(
+    grounder, batch: list[Query], path: Path, bad: list[str], skip_bad: bool, vis_dir: Path | None = None
+) -> list[dict]:
+    """Predictions for the good queries of one batch; image and text errors are reported per line. With
+    ``vis_dir``, each query's picture (boxes drawn) is written there as ``<id>.png``."""
     from simvg.inference.grounder import check_text
 
     good, images, cache = [], [], {}
@@ -184,7 +208,33 @@ def _ground_batch(grounder, batch: list[Query], path: Path, bad: list[str], skip
         except UserError as exc:
             _bad(bad, f"{path}:{q.line}: {exc}", skip_bad)
     results = grounder.ground_batch(images, [q.text for q in good]) if good else []
-    return [{"id": q.id, "image": q.image, **r.to_dict()} for q, r in zip(good, results)]
+    if vis_dir is not None:
+        for q, r, image in zip(good, results, images):
+            _save_image(r.draw(image), str(vis_dir / picture_name(q)))
+    return [
+        {"id": q.id, "image": q.image, **({"image_id": q.image_id} if q.image_id is not None else {}), **r.to_dict()}
+        for q, r in zip(good, results)
+    ]
+
+
+def picture_name(query: Query) -> str:
+    """``<id>.png`` for ``--vis-dir``, the id made file-name safe (and unique by its line when it had to change)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(query.id)).lstrip(".")[:100]
+    return f"{safe}.png" if safe == str(query.id) else f"{safe or 'query'}-line{query.line}.png"
+
+
+def coco_detections(record: dict) -> list[dict]:
+    """A predict record as COCO results: one ``{"image_id", "category_id": 1, "bbox": [x, y, w, h], "score"}`` per
+    box (none for a no-target answer), with ``query_id`` and ``text`` to tell the queries of one image apart.
+    ``image_id`` is the query's ``image_id`` when it has one, else its image path."""
+    image_id = record.get("image_id", record["image"])
+    out = []
+    for entry in record["boxes"]:
+        x1, y1, x2, y2 = entry["box"]
+        bbox = [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
+        out.append({"image_id": image_id, "category_id": 1, "bbox": bbox, "score": entry["score"],
+                    "query_id": record["id"], "text": record["text"]})  # fmt: skip
+    return out
 
 
 def _count_lines(path: Path) -> int:
@@ -202,23 +252,28 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(f"{queries}: queries file not found")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    from simvg.utils.checkpoint import atomic_text_writer
+
     grounder = load_grounder(args)
     bad: list[str] = []
     written = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        bar = tqdm(total=_count_lines(queries), unit="query", disable=None)  # disable=None: no bar unless a TTY
-        with tmp.open("w", encoding="utf-8") as f, bar:
-            for batch in _batches(_read_queries(queries, images_dir, bad, args.skip_bad), args.batch_size):
-                for record in _ground_batch(grounder, batch, queries, bad, args.skip_bad):
+    vis_dir = Path(args.vis_dir) if args.vis_dir else None
+    coco, detections = args.format == "coco", 0
+    bar = tqdm(total=_count_lines(queries), unit="query", disable=None)  # disable=None: no bar unless a TTY
+    # --out appears only complete; a write error (full disk, read-only folder) is one line naming it
+    with atomic_text_writer(out) as f, bar:
+        f.write("[" if coco else "")
+        for batch in _batches(_read_queries(queries, images_dir, bad, args.skip_bad), args.batch_size):
+            for record in _ground_batch(grounder, batch, queries, bad, args.skip_bad, vis_dir):
+                if not coco:
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    written += 1
-                bar.n = written + len(bad)
-                bar.refresh()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+                for item in coco_detections(record) if coco else []:
+                    f.write(("," if detections else "") + "\n" + json.dumps(item, ensure_ascii=False))
+                    detections += 1
+                written += 1
+            bar.n = written + len(bad)
+            bar.refresh()
+        f.write("\n]\n" if coco else "")
     for message in bad[:MAX_REPORTED_BAD]:
         print(f"skipped {message}", file=sys.stderr)
     more = f" ({len(bad) - MAX_REPORTED_BAD} more not shown)" if len(bad) > MAX_REPORTED_BAD else ""

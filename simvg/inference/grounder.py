@@ -17,18 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from simvg import artifact
 from simvg.data.collate import boxes_to_original
 from simvg.errors import UserError
-from simvg.inference import loading
+from simvg.inference import loading, provenance
 
-ImageInput = str | Path | bytes | Image.Image
+ImageInput = str | Path | bytes | Image.Image | np.ndarray  # an array: [H, W] or [H, W, 3|4], RGB(A) order
 BRANCHES = ("token", "decoder")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a decompression bomb is not
-DEFAULT_MAX_TEXT_CHARS = 1000  # far past any real expression; the tokenizer truncates to the model's length anyway
+# No limit by default: a long expression is cut to the model's token budget and the result's warnings say so. The
+# server sets its own limit (simvg.serve.app.ServeLimits.max_text_chars).
+DEFAULT_MAX_TEXT_CHARS: int | None = None
 
 
 @dataclass
@@ -65,15 +68,39 @@ class GroundingResult:
             "trained_on": self.trained_on,
         }
 
+    def draw(self, image: Any) -> Image.Image:
+        """``image`` (what was grounded: a path, bytes, PIL image or array) with this result's boxes drawn."""
+        from simvg.inference.draw import draw_result
 
-def check_text(text: object, max_chars: int) -> str:
-    """The expression with whitespace normalised; UserError when it is not text, empty or too long."""
+        if isinstance(image, np.ndarray):
+            image = array_to_image(image)
+        return draw_result(loading.open_rgb(image, max_pixels=2**62), self)  # EXIF-rotated, as when grounded
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """A numpy image (``[H, W]`` gray or ``[H, W, 3|4]`` RGB(A), as PIL, imageio and matplotlib give; uint8, or
+    floats in [0, 1]) as a PIL image. OpenCV arrays are BGR: pass ``array[..., ::-1]``."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise UserError(f"<array>: expected an image array [H, W] or [H, W, 3|4], got shape {tuple(array.shape)}")
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
+        values = np.nan_to_num(array.astype(np.float64), nan=0.0)
+        array = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.integer):
+            raise UserError(f"<array>: expected uint8 or float pixels, got {array.dtype}")
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def check_text(text: object, max_chars: int | None) -> str:
+    """The expression with whitespace normalised; UserError when it is not text, empty or longer than ``max_chars``
+    (None: no limit)."""
     if not isinstance(text, str):
         raise UserError(f"text must be a string, got {type(text).__name__}")
     clean = " ".join(text.split())
     if not clean:
         raise UserError("text is empty: give an expression such as 'the red car on the left'")
-    if len(clean) > max_chars:
+    if max_chars is not None and len(clean) > max_chars:
         raise UserError(f"text is {len(clean)} characters long; the limit is {max_chars}")
     return clean
 
@@ -92,10 +119,14 @@ class Grounder:
         branch: str | None = None,
         score_threshold: float = artifact.SCORE_THRESHOLD,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
         source: str = "",
         notices: list[str] | None = None,
+        threads: int | None = None,
     ) -> None:
+        from simvg.inference.quantize import set_threads
+
+        set_threads(threads)  # torch's intra-op threads (None: as they are); process-wide
         self.runner = runner
         self.tokenizer = tokenizer
         self.spec = spec
@@ -116,13 +147,20 @@ class Grounder:
         backend: str = "torch",
         score_threshold: float = artifact.SCORE_THRESHOLD,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
         weights: str = "auto",
+        precision: str | None = None,
+        threads: int | None = None,
+        compile: bool = False,
     ) -> Grounder:
         """Load a model; ``path=None`` is the embedded default. An ``.onnx`` path implies ``backend="onnx"``.
 
         ``branch=None`` answers with the model's default branch (``spec.branch``; an ONNX file's own branch);
         ``tokenizer`` is a sentencepiece file for models that carry none (official SimVG files: ``beit3.spm``).
+        ``precision`` "int8": dynamic int8 on the CPU (PyTorch), or an ONNX graph exported with ``--int8``; "fp32" or
+        None: the model as stored. ``threads``: intra-op threads of torch and ONNX Runtime (None: unchanged).
+        ``compile``: an fp32 PyTorch model runs under ``torch.compile`` with freezing (each new batch size or branch
+        compiles first, minutes for ViT-B; then ~15% faster: for long-running services).
         """
         if branch is not None and branch not in BRANCHES:
             raise UserError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
@@ -130,7 +168,8 @@ class Grounder:
             raise UserError(f"score threshold must lie in [0, 1], got {score_threshold}")
         if path is not None and str(path).endswith(".onnx"):
             backend = "onnx"
-        bundle = loading.load_bundle(path, device, branch, backend, tokenizer=tokenizer, weights=weights)
+        bundle = loading.load_bundle(path, device, branch, backend, tokenizer=tokenizer, weights=weights,
+                                     precision=precision, threads=threads, compile=compile)  # fmt: skip
         return cls(
             bundle.runner,
             bundle.tokenizer,
@@ -173,27 +212,39 @@ class Grounder:
         ]
 
     def open_image(self, image: ImageInput) -> Image.Image:
-        """Decode a path, bytes or PIL image into an RGB PIL image (EXIF-rotated, size-checked)."""
+        """Decode a path, bytes, PIL image or numpy array into an RGB PIL image (EXIF-rotated, size-checked)."""
+        if isinstance(image, np.ndarray):
+            image = array_to_image(image)
         if not isinstance(image, str | Path | bytes | Image.Image):
-            raise UserError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}")
-        return loading.open_rgb(image, self.max_pixels)
+            raise UserError(f"image must be a path, bytes, a PIL image or a numpy array, got {type(image).__name__}")
+        pil = loading.open_rgb(image, self.max_pixels)
+        if pil.width == 0 or pil.height == 0:
+            raise UserError(f"<image>: empty image ({pil.width}x{pil.height} pixels)")
+        return pil
 
     def _result(
         self, text: str, image: Image.Image, meta: dict, det: artifact.Detections, info: dict, branch: str
     ) -> GroundingResult:
         """One sample's post-processed outputs -> a GroundingResult in original-image pixels."""
-        boxes_px = boxes_to_original(det.kept_boxes, meta)
+        finite = torch.isfinite(det.kept_scores) & torch.isfinite(det.kept_boxes).all(-1)
+        notes = list(info["warnings"])
+        if not (torch.isfinite(det.scores).all() and torch.isfinite(det.boxes).all()):
+            notes.append("the model's output is not finite (NaN or infinity): no box is reported for it")
+        vocabulary = provenance.vocabulary_warning(self.tokenizer, text)  # words it cannot know
+        photo = provenance.photo_warning(image) if self.spec.synthetic_only else None  # an image unlike its training
+        notes += [note for note in (vocabulary, photo) if note]
+        boxes_px = boxes_to_original(det.kept_boxes[finite], meta)
         task = "rec" if det.scores.numel() == 1 else "grec"
         return GroundingResult(
             text=text,
             boxes=boxes_px.tolist(),
-            scores=det.kept_scores.tolist(),
+            scores=det.kept_scores[finite].tolist(),
             no_target=task == "grec" and det.keep.numel() == 0,
             task=task,
             branch=branch,
             image_size=image.size,
             num_tokens=info["num_tokens"],
             truncated=info["truncated"],
-            warnings=info["warnings"],
+            warnings=notes,
             trained_on=self.spec.trained_on,
         )

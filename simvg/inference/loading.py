@@ -37,10 +37,15 @@ class Bundle:
 
 
 class TorchRunner:
-    """Runs the PyTorch model, only the requested branch, in inference mode."""
+    """Runs the PyTorch model, only the requested branch, in inference mode; ``compile``: under ``torch.compile``
+    with freezing (``simvg.models.beit3.compile_for_inference``)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, compile: bool = False) -> None:
+        from simvg.models.beit3 import compile_for_inference
+
         self.model = model.eval().to(device)
+        if compile:
+            self.model = compile_for_inference(self.model)
         self.device = device
 
     def __call__(self, images: Tensor, ids: Tensor, mask: Tensor, branch: str) -> tuple[Tensor, Tensor]:
@@ -70,6 +75,7 @@ class OnnxRunner:
         if meta.get("simvg_format") != "1":
             raise UserError(f"{path}: not an ONNX model exported by 'simvg export onnx'")
         self.branch = meta["branch"]
+        self.precision = meta.get("precision", "fp32")  # "int8": written by 'simvg export onnx --int8'
         self.path = path
 
     def __call__(self, images: Tensor, ids: Tensor, mask: Tensor, branch: str) -> tuple[Tensor, Tensor]:
@@ -129,21 +135,41 @@ def load_bundle(
     backend: str = "torch",
     tokenizer: str | Path | None = None,
     weights: str = "auto",
+    precision: str | None = None,
+    threads: int | None = None,
+    compile: bool = False,
 ) -> Bundle:
     """Load the model at ``path`` for ``backend`` "torch" or "onnx"; ``branch=None`` takes the model's default (an
-    ONNX file's own branch)."""
+    ONNX file's own branch).
+
+    ``precision``: "int8" quantises a PyTorch model (``simvg.inference.quantize``; CPU only) or asks for an ONNX
+    graph exported with ``--int8``; "fp32" the model as stored; None: fp32 for PyTorch, an ONNX graph as exported.
+    ``threads``: intra-op threads of torch and ONNX Runtime (None: torch's current setting). ``compile``: run an fp32
+    PyTorch model under ``torch.compile`` with freezing (slow first call per input shape, then faster).
+    """
     from simvg.data.tokenizer import BEiT3Tokenizer
+    from simvg.inference.quantize import check_precision, set_threads
 
     if backend not in ("torch", "onnx"):
         raise UserError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     if branch is not None and branch not in artifact.BRANCHES:
         raise UserError(f"branch must be one of {', '.join(artifact.BRANCHES)}, got {branch!r}")
+    set_threads(threads)
     source = artifact.resolve(path)
-    if source.suffix == ".onnx" or backend == "onnx":
+    onnx = source.suffix == ".onnx" or backend == "onnx"
+    if compile and (onnx or precision == "int8"):
+        raise UserError("--compile applies to fp32 PyTorch models only (not to ONNX graphs or --precision int8)")
+    if onnx:
         source = source if source.is_file() else source / "model.onnx"
+        if precision is not None:
+            check_precision(precision, device)
         runner: Any = OnnxRunner(source, artifact.torch_device(device))
         if branch is not None and runner.branch != branch:
             raise UserError(f"{source} holds the {runner.branch} branch; ask for branch={runner.branch!r}")
+        if precision is not None and precision != runner.precision:
+            how = "export one with 'simvg export onnx --int8'" if precision == "int8" else "drop --precision"
+            raise UserError(f"{source}: an {runner.precision} ONNX graph, not {precision}; {how}, or run the PyTorch "
+                            f"model with --precision {precision}")  # fmt: skip
         spec = artifact.read_spec(source.parent)
         tok = Path(tokenizer) if tokenizer is not None else source.parent / (spec.tokenizer or artifact.TOKENIZER_FILE)
         if not tok.is_file():
@@ -152,7 +178,7 @@ def load_bundle(
         chosen, notices = runner.branch, []
     else:
         loaded = artifact.load_artifact(source, weights=weights, device=device, tokenizer=tokenizer,
-                                        need_tokenizer=True)  # fmt: skip
-        runner = TorchRunner(loaded.model, artifact.torch_device(device))
+                                        need_tokenizer=True, precision=precision)  # fmt: skip
+        runner = TorchRunner(loaded.model, artifact.torch_device(device), compile=compile)
         spec, tok, notices, chosen = loaded.spec, loaded.tokenizer, loaded.notices, branch or loaded.spec.branch
     return Bundle(runner, BEiT3Tokenizer(tok, max_len=spec.preprocess.max_tokens), spec, source, chosen, notices)

@@ -49,7 +49,6 @@ class LossConfig:
     fixed_weight: float = 0.5
 
 
-@torch.no_grad()
 def teacher_targets(
     decoder_out: dict[str, Any], targets: list[dict[str, Tensor]], matcher: HungarianMatcher
 ) -> tuple[list[dict[str, Tensor]], Tensor]:
@@ -64,19 +63,34 @@ def teacher_targets(
         B dicts ``{"labels": zeros [m_i], "boxes": matched decoder boxes [m_i, 4] (detached), "weight": p*IoU [m_i]}``
         and ``w`` (0-d tensor in [0, 1]): the mean of p*IoU over all matched pairs of the batch, 0 if there are none.
     """
-    logits, boxes = decoder_out["pred_logits"].detach(), decoder_out["pred_boxes"].detach()
-    pairs = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
-    prob = logits.float().softmax(-1)[..., 0]  # [B, Q] object probability
-    pseudo, weights = [], []
-    for i, (q, t) in enumerate(pairs):
-        q, t = q.to(boxes.device), t.to(boxes.device)
-        pred, gt = boxes[i, q].float(), targets[i]["boxes"][t].to(boxes.device).float()
-        weight = prob[i, q] * elementwise_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
-        pseudo.append({"labels": torch.zeros_like(q), "boxes": pred, "weight": weight})
-        weights.append(weight)
-    all_w = torch.cat(weights) if weights else boxes.new_zeros(0)
-    w = all_w.mean() if all_w.numel() else boxes.new_zeros((), dtype=torch.float32)
-    return pseudo, w
+    with torch.no_grad():  # a block, not a decorator: make mutate skips decorated functions (docs/mutation.md)
+        logits, boxes = decoder_out["pred_logits"].detach(), decoder_out["pred_boxes"].detach()
+        pairs = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+        prob = logits.float().softmax(-1)[..., 0]  # [B, Q] object probability
+        pseudo, weights = [], []
+        for i, (q, t) in enumerate(pairs):
+            q, t = q.to(boxes.device), t.to(boxes.device)
+            pred, gt = boxes[i, q].float(), targets[i]["boxes"][t].to(boxes.device).float()
+            weight = prob[i, q] * elementwise_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
+            pseudo.append({"labels": torch.zeros_like(q), "boxes": pred, "weight": weight})
+            weights.append(weight)
+        all_w = torch.cat(weights) if weights else boxes.new_zeros(0)
+        w = all_w.mean() if all_w.numel() else boxes.new_zeros((), dtype=torch.float32)
+        return pseudo, w
+
+
+def uses_distill(cfg: LossConfig) -> bool:
+    """Whether ``cfg`` has a distillation term (the token branch learning from the decoder's boxes)."""
+    return cfg.distill_mode != "none" and cfg.distill > 0
+
+
+def required_branch(cfg: LossConfig) -> str:
+    """The ``branch`` argument the model must be called with under ``cfg``: "both", "decoder" or "token"."""
+    needs_decoder = cfg.decoder > 0 or uses_distill(cfg)  # the pseudo boxes come from the decoder
+    needs_token = cfg.token > 0 or uses_distill(cfg)
+    if needs_decoder and needs_token:
+        return "both"
+    return "token" if needs_token else "decoder"
 
 
 class SimVGLoss(nn.Module):
@@ -98,16 +112,12 @@ class SimVGLoss(nn.Module):
 
     @property
     def uses_distill(self) -> bool:
-        return self.cfg.distill_mode != "none" and self.cfg.distill > 0
+        return uses_distill(self.cfg)
 
     @property
     def required_branch(self) -> str:
         """The ``branch`` argument the model must be called with: "both", "decoder" or "token"."""
-        needs_decoder = self.cfg.decoder > 0 or self.uses_distill  # the pseudo boxes come from the decoder
-        needs_token = self.cfg.token > 0 or self.uses_distill
-        if needs_decoder and needs_token:
-            return "both"
-        return "token" if needs_token else "decoder"
+        return required_branch(self.cfg)
 
     def branch_loss(self, out: dict[str, Any], targets: list[dict[str, Tensor]]) -> Tensor:
         """Sum of the weighted set-loss terms over all supervised layers of one branch (0-d)."""

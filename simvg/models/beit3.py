@@ -10,7 +10,9 @@ Differences from torchscale that do not change the maths:
   module splits and re-concatenates; the split is therefore an argument, never mutable module state.
 - Attention runs through ``F.scaled_dot_product_attention``; q/k/v of each expert run as one fused matmul whose
   weight is concatenated from the original ``q_proj``/``k_proj``/``v_proj`` parameters (cached when no gradient is
-  needed), so ``state_dict`` keys stay the official ones.
+  needed), so ``state_dict`` keys stay the official ones. Projections that are no longer float ``nn.Linear`` (after
+  ``torch.ao.quantization.quantize_dynamic``) run one by one; ``MultiwayAttention.pack_qkv`` replaces them by one
+  ``nn.Linear`` per expert for inference-only models (``simvg.inference.quantize`` packs, then quantises).
 
 ``load_beit3_pretrained`` reads an official checkpoint (``{"model": {"beit3.<key>": tensor}}``), resamples the vision
 position table and the patch kernel when the image/patch size differs (224/16 -> 640/32 as SimVG does) and reports
@@ -155,10 +157,41 @@ class MultiwayAttention(nn.Module):
         for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
             setattr(self, name, Multiway(nn.Linear(dim, dim), nn.Linear(dim, dim)))
         self.inner_attn_ln = Multiway(nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps))
+        self.qkv: Multiway | None = None  # set by pack_qkv: one [D -> 3D] projection per expert (q | k | v)
         self._fused: dict[str, tuple[tuple, Tensor, Tensor]] = {}
 
     def clear_cache(self) -> None:
         self._fused.clear()
+
+    @torch.no_grad()
+    def pack_qkv(self) -> None:
+        """Replace ``q_proj``/``k_proj``/``v_proj`` by ``qkv``: per expert one float ``nn.Linear`` [D -> 3D] holding
+        their weights stacked (q, k, v), so that a later ``quantize_dynamic`` quantises one fused projection.
+
+        For inference only: the packed module's ``state_dict`` names ``qkv.{A,B}`` instead of the official keys, and
+        the three projections are gone (their memory with them). A no-op when already packed; the projections must
+        still be float ``nn.Linear`` (pack before quantising).
+        """
+        if self.qkv is not None:
+            return
+        if not all(self._float_projections(expert) for expert in ("A", "B")):
+            raise TypeError("pack_qkv needs the float nn.Linear q/k/v projections: pack before quantising")
+        packed = []
+        for expert in ("A", "B"):
+            linears = [getattr(getattr(self, name), expert) for name in ("q_proj", "k_proj", "v_proj")]
+            weight, bias = torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
+            lin = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+            lin.weight.copy_(weight)
+            lin.bias.copy_(bias)
+            packed.append(lin.requires_grad_(False))
+        self.qkv = Multiway(*packed)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            delattr(self, name)
+        self.clear_cache()
+
+    def _float_projections(self, expert: str) -> bool:
+        """Whether q/k/v of ``expert`` are plain float Linears (their ``weight`` a tensor, not a quantised packing)."""
+        return all(type(getattr(getattr(self, name), expert)) is nn.Linear for name in ("q_proj", "k_proj", "v_proj"))
 
     def fused_qkv_weight(self, expert: str) -> tuple[Tensor, Tensor]:
         """Weight [3D, D] and bias [3D] of q, k, v of expert ``"A"`` or ``"B"``, stacked in that order."""
@@ -181,7 +214,9 @@ class MultiwayAttention(nn.Module):
 
     def _qkv(self, h: Tensor, expert: str) -> Tensor:
         """[B, n, D] -> [B, n, 3D] (q | k | v)."""
-        if self.fuse_qkv:
+        if self.qkv is not None:
+            return getattr(self.qkv, expert)(h)
+        if self.fuse_qkv and self._float_projections(expert):
             return F.linear(h, *self.fused_qkv_weight(expert))
         return torch.cat([getattr(getattr(self, name), expert)(h) for name in ("q_proj", "k_proj", "v_proj")], dim=-1)
 
@@ -422,6 +457,17 @@ class BEiT3(nn.Module):
         if xv is not None:
             keep = torch.cat([keep.new_ones(xv.shape[:2]), keep], dim=1)
         return keep[:, None, None, :]
+
+
+def compile_for_inference(module: nn.Module) -> nn.Module:
+    """``module`` under ``torch.compile`` with Inductor's freezing, for inference (``torch.no_grad`` or
+    ``inference_mode``) only: the weights become constants, so the GEMMs run on pre-packed weights and the bias, GELU,
+    LayerNorm and residual passes are fused into generated kernels; the maths is unchanged (parity with torchscale
+    stays within 1e-4). On a CPU the BEiT-3 base encoder at 640/p32, batch 1, one thread took 0.71x torchscale's
+    time against 0.82-0.87x eager (benchmarks/RESULTS.md). The price: each new input shape (batch size, branch)
+    compiles first, ~1.5-2 minutes on one core, and a C++ compiler must be present. Worth it for a long-running
+    server; not for one grounding."""
+    return torch.compile(module, dynamic=False, options={"freezing": True})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,12 +2,20 @@
 
 - ``GET /``: a static page (HTML + JS, no CDN) to upload an image, type an expression and see the boxes.
 - ``POST /api/ground``: multipart ``image`` (file) + ``text`` [+ ``branch``] -> the result as JSON.
-- ``GET /healthz``: liveness, the model's source and the queue's state.
+- ``GET /healthz``: liveness, the model's name (not its path), what it was trained on, and the queue's state.
 
 The model runs in one worker thread behind a bounded queue: a request that finds ``queue_size`` requests already
 waiting or running is answered 503 at once, and one that waits longer than ``timeout_s`` gets 504, so no client
 hangs however many arrive. The queue slot is freed when the model really finishes (not when a request times out),
-so the bound holds for the work itself. Bad input is a 4xx with ``{"error": one line}``; the server keeps serving.
+so the bound holds for the work itself. Bad input is a 4xx with ``{"error": one line}``; the server keeps serving;
+a client that disconnects mid-upload is logged in one line.
+
+Every answer carries ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``, a ``Content-Security-Policy``
+that allows this server's own scripts, styles and images only, and ``Referrer-Policy: no-referrer``. ``simvg serve``
+answers only requests whose ``Host`` is a loopback name, the address it listens on or one given with
+``--allowed-host``: a web page on another site cannot reach a server on 127.0.0.1 by rebinding its own DNS name to
+127.0.0.1 (DNS rebinding). The port is bound before the page's address is printed, so a port in use is a one-line
+error.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations at run time, and
 ``Request`` is imported inside ``create_app`` so that importing this module never needs FastAPI.
@@ -16,9 +24,13 @@ No ``from __future__ import annotations`` here: FastAPI reads the route function
 import argparse
 import asyncio
 import contextlib
+import errno
+import json
+import logging
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +43,19 @@ if TYPE_CHECKING:
     from fastapi import FastAPI, Request
 
 STATIC_DIR = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'; form-action 'self'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+log = logging.getLogger("simvg.serve")
 
 
 @dataclass
@@ -116,12 +141,79 @@ async def _read_form(request: "Request", limits: ServeLimits) -> tuple[bytes, st
     return await image.read(), text, branch
 
 
-def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, lower case, without port or IPv6 brackets (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts_for(bind_host: str, extra: Collection[str] = ()) -> frozenset[str]:
+    """The ``Host`` names a server bound to ``bind_host`` answers: loopback names, the address itself (unless a
+    wildcard) and ``extra``."""
+    names = set(LOOPBACK_HOSTS) | {host_name(h) for h in extra}
+    if bind_host not in WILDCARD_HOSTS:
+        names.add(host_name(bind_host) if not bind_host.count(":") > 1 else bind_host.lower())
+    return frozenset(names)
+
+
+class GuardMiddleware:
+    """ASGI middleware: refuses a ``Host`` outside ``allowed_hosts`` (None: any) with 400 and adds
+    ``SECURITY_HEADERS`` to every answer."""
+
+    def __init__(self, app: Any, allowed_hosts: Collection[str] | None) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed_hosts) if allowed_hosts is not None else None
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if self.allowed is not None and host_name(host) not in self.allowed:
+            name = host_name(host) or "(none)"
+            body = json.dumps({"error": f"Host {name!r} is not allowed (DNS rebinding protection); to serve under "
+                               f"this name, start the server with --allowed-host {name}"}).encode()  # fmt: skip
+            await send_secured({"type": "http.response.start", "status": 400,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+            await send_secured({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send_secured)
+
+
+def model_name(source: str) -> str:
+    """What ``/healthz`` shows of the model: a name, never the absolute path (the embedded defaults by name)."""
+    from simvg.artifact import ASSETS
+
+    path = Path(source)
+    if path.is_relative_to(ASSETS):
+        return f"embedded {path.relative_to(ASSETS).parts[0]}"
+    return path.name if path.is_dir() or not path.parent.name else f"{path.parent.name}/{path.name}"
+
+
+def create_app(
+    grounder: Any, limits: ServeLimits | None = None, allowed_hosts: Collection[str] | None = None
+) -> "FastAPI":
     """The FastAPI app around ``grounder`` (anything with ``ground(image, text, branch=...)``, ``branch``,
-    ``source``); every request goes through one ``ModelWorker``."""
+    ``source``); every request goes through one ``ModelWorker``.
+
+    ``allowed_hosts``: the ``Host`` names answered (``allowed_hosts_for``; ``simvg serve`` always sets them); None
+    answers any ``Host`` (tests, or a server behind a proxy that checks it)."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.requests import ClientDisconnect
+
+    from simvg.inference.grounder import check_text
 
     limits = limits or ServeLimits()
     worker = ModelWorker(limits.queue_size, limits.timeout_s)
@@ -133,6 +225,7 @@ def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
 
     app = FastAPI(title="simvg", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.worker = worker
+    app.add_middleware(GuardMiddleware, allowed_hosts=allowed_hosts)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(HTTPException)
@@ -146,7 +239,9 @@ def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
     @app.get("/healthz")
     async def healthz() -> dict:
         queue = {"pending": worker.pending, "size": worker.queue_size}
-        return {"status": "ok", "model": grounder.source, "branch": grounder.branch, "queue": queue}
+        spec = getattr(grounder, "spec", None)
+        return {"status": "ok", "model": model_name(grounder.source), "branch": grounder.branch,
+                "trained_on": getattr(spec, "trained_on", ""), "queue": queue}  # fmt: skip
 
     @app.post("/api/ground")
     async def ground(request: Request):
@@ -156,7 +251,11 @@ def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
         start = time.perf_counter()
         try:
             image, text, branch = await _read_form(request, limits)
+            text = check_text(text, limits.max_text_chars)  # the server's own limit, whatever the grounder's
             result = await worker.run(grounder.ground, image, text, branch)
+        except ClientDisconnect:
+            log.warning("a client disconnected during its upload; nothing to answer")
+            return _error(400, "the upload was interrupted")
         except UserError as exc:
             # image_io names in-memory images "<bytes>"; here they are the upload
             return _error(400, str(exc).replace("<bytes>", "uploaded image"))
@@ -173,7 +272,9 @@ def create_app(grounder: Any, limits: ServeLimits | None = None) -> "FastAPI":
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port, 0-65535 (0: any free port)")
+    parser.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                        help="also answer this Host name (repeatable; loopback and --host always)")  # fmt: skip
     model_arguments(parser)
     defaults = ServeLimits()
     parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20)
@@ -183,11 +284,46 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per request before 504")
 
 
-def serve_command(args: argparse.Namespace) -> int:
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port); a port out of range, a busy port or an unknown address is a UserError."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a TCP port lies in 0-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UserError(f"--host {host}: not an address this machine can listen on ({exc.strerror or exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart right after a stop
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        hint = "; another server uses it: pick another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise UserError(f"{host}:{port}: cannot listen ({exc.strerror or exc}){hint}") from None
+    return sock
+
+
+def run_server(app: Any, sock: socket.socket) -> None:
+    """Serve ``app`` with uvicorn on the bound ``sock`` until interrupted."""
     import uvicorn
 
+    host, port = sock.getsockname()[:2]
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"simvg serve needs FastAPI, uvicorn and python-multipart ({exc.name} is missing): "
+                        "pip install 'simvg[serve]'") from None  # fmt: skip
     if args.queue_size < 1 or args.timeout <= 0 or args.max_upload_mb <= 0:
         raise UserError("--queue-size, --timeout and --max-upload-mb must be positive")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: a TCP port lies in 0-65535")
     limits = ServeLimits(
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_pixels=args.max_pixels,
@@ -199,8 +335,15 @@ def serve_command(args: argparse.Namespace) -> int:
     from PIL import Image
 
     grounder.ground(Image.new("RGB", (64, 64)), "a")  # the first forward is slow; pay it before any user does
-    print(f"simvg serve: model {grounder.source}; open http://{args.host}:{args.port}/")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    sock = listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    shown = f"[{args.host}]" if args.host.count(":") > 1 else args.host
+    print(f"simvg serve: model {grounder.source}; open http://{shown}:{port}/")
+    if args.host not in LOOPBACK_HOSTS:
         print(f"simvg serve: warning: listening on {args.host}, reachable from other machines, with no authentication")
-    uvicorn.run(create_app(grounder, limits), host=args.host, port=args.port, log_level="info")
+    app = create_app(grounder, limits, allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts))
+    try:
+        run_server(app, sock)
+    finally:
+        sock.close()
     return 0

@@ -6,22 +6,33 @@ with ``torch.load(weights_only=True)``: the config is stored as a plain dict and
 Writes are atomic: the data goes to a temporary file in the same folder, is flushed and fsynced, then
 ``os.replace``-d over the destination and the folder is fsynced. A process killed at any moment therefore leaves
 either the previous file or the new one, never a torn file. ``SIMVG_FAULT_KILL_DURING_SAVE=N`` kills the process
-(SIGKILL) during the N-th write, after the temporary file is written and before the rename: the tests use it to
-prove that a crash mid-write resumes from the previous checkpoint.
+(SIGKILL) during the N-th ``atomic_torch_save`` (a training run's N-th checkpoint write; other files do not count),
+after the temporary file is written and before the rename: the tests use it to
+prove that a crash mid-write resumes from the previous checkpoint. A write that fails (a full disk, a read-only
+folder) raises ``WriteError``, a ``UserError`` (and an ``OSError``) naming the destination, and leaves the previous
+file in place.
+
+Integrity: ``save_checkpoint`` stores ``sha256``, a hash of everything else in the checkpoint (every tensor's bytes,
+dtype and shape, every value and key), and ``load_checkpoint`` checks it, so a file whose bytes changed after it
+was written (a flipped bit, a partial copy that still unpickles) is refused with a clear error instead of loading
+silently. Files without the key (the authors' files, older ones of ours) load as before; ``load_checkpoint``
+returns the dict without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import pickle
 import random
 import signal
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 import torch
@@ -44,6 +55,7 @@ CHECKPOINT_KEYS = (
     "config",  # the resolved Config as a plain dict
     "metrics",  # dict of the latest validation metrics (floats)
     "best_metric",  # float or None, the best validation score so far
+    "sha256",  # str, content_hash() of all the other entries (written by save_checkpoint, checked on load)
 )
 _PREFIXES = ("module.", "_orig_mod.")
 _FAULT_ENV = "SIMVG_FAULT_KILL_DURING_SAVE"
@@ -73,22 +85,91 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+class WriteError(UserError, OSError):
+    """A file could not be written (full disk, read-only or missing folder, permissions); the message is one line
+    naming the destination. Both a ``UserError`` (the CLI prints it, exit 2) and an ``OSError`` (``errno``,
+    ``strerror`` and ``filename`` are the cause's)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def write_error(path: str | Path, exc: OSError) -> WriteError:
+    """The ``WriteError`` for ``exc`` raised while writing ``path``."""
+    reason = exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else None) or str(exc) or "I/O error"
+    error = WriteError(f"{path}: cannot write ({reason})")
+    error.errno, error.strerror, error.filename = exc.errno, exc.strerror, str(path)
+    return error
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fault_point: bool = False) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a crash at any
-    instant leaves the previous file or the new one, never a torn file."""
+    instant leaves the previous file or the new one, never a torn file. The file gets the mode an ordinary
+    ``open()`` would give it (0666 less the umask). An ``OSError`` becomes a ``WriteError`` naming ``path``.
+    ``fault_point``: this write counts for ``SIMVG_FAULT_KILL_DURING_SAVE``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-            _maybe_inject_fault()
+            if fault_point:
+                _maybe_inject_fault()
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; honour the umask like an ordinary open()
         os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # a second error while cleaning up must not hide the first
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise write_error(path, exc) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+class _CheckedText:
+    """A text file whose write errors name the destination (``WriteError``)."""
+
+    def __init__(self, f: TextIO, path: Path) -> None:
+        self._f, self._path = f, path
+
+    def write(self, text: str) -> int:
+        try:
+            return self._f.write(text)
+        except OSError as exc:
+            raise write_error(self._path, exc) from None
+
+
+@contextlib.contextmanager
+def atomic_text_writer(path: str | Path) -> Iterator[_CheckedText]:
+    """A UTF-8 text file to stream into, that appears at ``path`` only when the block ends without an error (as
+    ``atomic_write``); any failure of the file itself is a ``WriteError`` naming ``path``, and an error in the block
+    leaves the previous ``path`` untouched."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    f = os.fdopen(fd, "w", encoding="utf-8")
+    try:
+        yield _CheckedText(f, path)
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # closing flushes the buffer, which fails again on a full disk
+            f.close()
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
@@ -96,7 +177,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), fault_point=True)
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
@@ -113,12 +194,55 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
+def content_hash(obj: Any) -> str:
+    """SHA-256 of a checkpoint-like value: dicts (keys in a fixed order), lists, tuples, tensors (dtype, shape and
+    bytes) and plain values. It is the same before ``torch.save`` and after ``torch.load``."""
+    digest = hashlib.sha256()
+    _hash_into(digest, obj)
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            digest.update(f"K{type(key).__name__}:{key!r}".encode())
+            _hash_into(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
+        for item in obj:
+            _hash_into(digest, item)
+    else:
+        digest.update(f"V{type(obj).__name__}:{obj!r}".encode())
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write a training checkpoint atomically; unknown keys are refused so the layout stays documented."""
+    """Write a training checkpoint atomically, with its ``sha256``; unknown keys are refused so the layout stays
+    documented."""
     unknown = set(state) - set(CHECKPOINT_KEYS)
     if unknown:
         raise KeyError(f"unknown checkpoint keys {sorted(unknown)}; allowed: {CHECKPOINT_KEYS}")
-    atomic_torch_save({"version": FORMAT_VERSION, **state}, path)
+    obj = {"version": FORMAT_VERSION, **{k: v for k, v in state.items() if k != "sha256"}}
+    obj["sha256"] = content_hash(obj)
+    atomic_torch_save(obj, path)
+
+
+def verify_content(obj: dict[str, Any], path: str | Path) -> None:
+    """Check a loaded checkpoint against its stored ``sha256`` and remove that key (a file without one passes): the
+    hash belongs to the file, so a loaded dict that is edited and saved again never carries a stale one."""
+    stored = obj.pop("sha256", None)
+    if not isinstance(stored, str):
+        return
+    if content_hash(obj) != stored:
+        raise UserError(
+            f"{path}: corrupt checkpoint: its content does not match the sha256 stored in it (the file changed "
+            "after it was written: a damaged disk or copy); use another checkpoint (e.g. best.pth or a backup)"
+        )
 
 
 # numpy scalars and dtypes are plain data; files written by other code (the official SimVG trainer logs metrics
@@ -148,6 +272,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
+    verify_content(obj, path)
     return obj
 
 

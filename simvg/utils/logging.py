@@ -1,7 +1,9 @@
 """Run feedback: the ``simvg`` logger, running averages, and the ``metrics.jsonl`` file of a run.
 
 Only rank 0 logs at INFO and writes files; other ranks log warnings only, so a multi-GPU run prints one story.
-``metrics.jsonl`` gets one JSON object per line and is appended to, so a resumed run continues the same file;
+Log lines go to the terminal through ``tqdm.write``, so they land above a progress bar instead of inside its line.
+``metrics.jsonl`` gets one JSON object per line and is appended to, so a resumed run continues the same file (after
+dropping the records of the steps it re-does, ``simvg.engine.train.rewind_metrics``);
 each line carries ``event`` ("start", "train", "epoch", "val", "end") and the global ``step``.
 """
 
@@ -10,9 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 LOGGER_NAME = "simvg"
 
@@ -30,15 +35,44 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> logging.
         logger.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    stream = logging.StreamHandler()
+    stream = TqdmHandler()
     stream.setFormatter(fmt)
     logger.addHandler(stream)
     if log_file is not None and rank == 0:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file)
+        file_handler = QuietFileHandler(log_file)
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     return logger
+
+
+class TqdmHandler(logging.StreamHandler):
+    """A stream handler that writes through ``tqdm.write``: an active progress bar is cleared, the line written,
+    and the bar drawn again below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+class QuietFileHandler(logging.FileHandler):
+    """A log file that, when it cannot be written (a full disk), says so in one line once instead of printing a
+    traceback for every record; the terminal keeps the log."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            reason = sys.exc_info()[1]
+            detail = getattr(reason, "strerror", None) or reason
+            print(f"simvg: warning: cannot write {self.baseFilename} ({detail}); the log goes to the terminal only",
+                  file=sys.stderr)  # fmt: skip
 
 
 class Averages:
@@ -72,8 +106,18 @@ class MetricsWriter:
         if self.path is None:
             return
         record = {"event": event, "time": round(time.time(), 3), **{k: _plain(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            from simvg.utils.checkpoint import write_error
+
+            raise write_error(self.path, exc) from None
+
+
+def plain_float(value: float) -> Any:
+    """``value`` as ``metrics.jsonl`` stores it (6 significant digits; non-finite as a string)."""
+    return _plain(float(value))
 
 
 def _plain(value: Any) -> Any:
