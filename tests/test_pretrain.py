@@ -65,21 +65,27 @@ def test_location_words_by_thirds():
     assert location_words(at(2, 2), 120) == ("in", "the", "top", "left", "corner")
     assert location_words(at(55, 2), 120) == ("at", "the", "top")
     assert location_words(at(100, 55), 120) == ("on", "the", "right")
-    assert location_words(at(55, 55), 120) == ()
+    assert location_words(at(55, 55), 120) == ("in", "the", "middle")
     assert location_words(at(34, 34), 120) == ("in", "the", "top", "left", "corner")  # centre 39 < 120 / 3
-    assert location_words(at(35, 35), 120) == ()  # centre 40: the middle third starts there
+    assert location_words(at(35, 35), 120) == ("in", "the", "middle")  # centre 40: the middle third starts there
 
 
 def _batch(sim_words: torch.Tensor, sim_patches: torch.Tensor, links, cover, labels, pad=None):
     links = torch.tensor([links])
-    out = {"words": sim_words[None], "patches": sim_patches[None], "mlm_logits": torch.zeros(1, links.shape[1], 5)}
+    out = {
+        "words": sim_words[None],
+        "patches": sim_patches[None],
+        "mlm_logits": torch.zeros(1, links.shape[1], 5),
+        "object": torch.zeros(1, sim_patches.shape[1]),
+    }
     batch = {
         "links": links,
         "coverage": torch.tensor([cover], dtype=torch.float32),
         "labels": torch.tensor([labels]),
         "pad": torch.zeros_like(links, dtype=torch.bool) if pad is None else pad,
+        "referent": torch.tensor([-1]),
     }
-    return out, batch  # fmt: skip
+    return out, batch
 
 
 def test_alignment_losses_against_hand_values():
@@ -174,7 +180,7 @@ def test_bad_pretrain_configs_are_one_line(tmp_path, tokenizer, capsys):
     cases = {
         "data.max_objects=9": "data.max_objects must be in [2, 8]",
         "data.mask_prob=1.5": "data.mask_prob must be in [0, 1)",
-        "loss.align=0": "loss.align and loss.mlm must be >= 0 and not both 0",
+        "loss.align=0": "loss.align, loss.mlm and loss.object must be >= 0 and not all 0",
         "data.nope=1": "unknown key data.nope",
         "encoder.overrides={encoder.vocab_size: 10}": "62 token ids but the encoder's text embedding has 10 rows",
         f"data.tokenizer={tmp_path}/missing.spm": "missing.spm",
@@ -186,3 +192,43 @@ def test_bad_pretrain_configs_are_one_line(tmp_path, tokenizer, capsys):
         assert len(err.splitlines()) == 1 and message in err, (override, err)
     with pytest.raises(UserError, match="background"):
         load_pretrain_config(config, ["data.background=stripes"])
+
+
+def test_the_first_phrase_singles_its_object_out():
+    """refer_first: no other object has every attribute the first phrase names (when the four attributes can tell
+    them apart), and the referent is that phrase's object."""
+    rng = np.random.default_rng(11)
+    attributes = {"large", "medium", "small", *CAPTION_WORDS} - {"a", "the", "one", "and", "at", "on", "in", "corner"}
+    for _ in range(60):
+        _, objects = draw_scene(rng, 128, 4, "plain")
+        cap = describe(objects, 128, rng, refer_first=True)
+        first = cap.words.index("and") if "and" in cap.words else len(cap.words)
+        named = [w for w, link in zip(cap.words[:first], cap.links[:first]) if link != NO_OBJECT]
+        assert {link for link in cap.links[:first] if link != NO_OBJECT} == {cap.referent}
+        assert set(named) <= attributes
+
+        def fits(o: SceneObject, named: list[str] = named) -> bool:
+            values = {o.size, o.colour, o.shape, *location_words(o, 128)}
+            return all(w in values for w in named)
+
+        target = objects[cap.referent]
+        full = [w for w in (target.size, target.colour, target.shape, *location_words(target, 128)) if w in attributes]
+        if not any(fits(o, full) for k, o in enumerate(objects) if k != cap.referent):
+            assert [k for k, o in enumerate(objects) if fits(o)] == [cap.referent], (cap.text, objects)
+
+
+def test_object_token_loss_against_hand_values():
+    """[CLS] along axis 0; patch 0 along it (cos 1), patch 1 orthogonal; the referent covers patch 0 fully and a
+    third of patch 1: target [0.75, 0.25] over logits [1, 0] (temperature 1)."""
+    words = torch.zeros(1, 2)
+    patches = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out, batch = _batch(words, patches, [NO_OBJECT], [[1.0, 1 / 3]], [IGNORE])
+    out["object"] = torch.tensor([[1.0, 0.0]])
+    batch["referent"] = torch.tensor([0])
+    losses = pretrain_losses(out, batch, temperature=1.0)
+    expected = -(0.75 * math.log(math.e / (math.e + 1)) + 0.25 * math.log(1 / (math.e + 1)))
+    assert float(losses["align_object"]) == pytest.approx(expected, rel=1e-6)
+    assert (float(losses["object_hits"]), float(losses["object_items"])) == (1.0, 1.0)
+    batch["referent"] = torch.tensor([-1])  # no referent: no item, a finite zero
+    losses = pretrain_losses(out, batch, temperature=1.0)
+    assert float(losses["align_object"]) == 0.0 and float(losses["object_items"]) == 0.0

@@ -35,6 +35,7 @@ class Caption:
 
     words: tuple[str, ...]
     links: tuple[int, ...]
+    referent: int = NO_OBJECT  # the object of the first phrase
 
     @property
     def text(self) -> str:
@@ -42,12 +43,12 @@ class Caption:
 
 
 def location_words(obj: SceneObject, size: int) -> tuple[str, ...]:
-    """ "on the left", "at the top", "in the top left corner"... from the object's box centre (thirds of the image);
-    empty for the centre third."""
+    """ "on the left", "at the top", "in the top left corner", "in the middle" from the object's box centre (thirds
+    of the image)."""
     cx, cy = obj.center
     col, row = COLUMNS[min(int(3 * cx / size), 2)], ROWS[min(int(3 * cy / size), 2)]
     if col == "middle" and row == "middle":
-        return ()
+        return ("in", "the", "middle")
     if col == "middle":
         return ("at", "the", row)
     if row == "middle":
@@ -55,38 +56,63 @@ def location_words(obj: SceneObject, size: int) -> tuple[str, ...]:
     return ("in", "the", row, col, "corner")
 
 
-def phrase(obj: SceneObject, size: int, rng: np.random.Generator) -> tuple[list[str], list[bool]]:
-    """One object's noun phrase: (words, which words describe the object). At least one attribute is named."""
+ATTRIBUTES = ("size", "colour", "shape", "location")
+
+
+def _named(obj: SceneObject, attributes: set[str], size: int) -> set[str]:
+    """The content words a phrase naming ``attributes`` of ``obj`` uses (location: its row/column words)."""
+    words = {getattr(obj, a) for a in ("size", "colour", "shape") if a in attributes}
+    if "location" in attributes:
+        words |= {w for w in location_words(obj, size) if w in COLUMNS + ROWS}
+    return words
+
+
+def phrase(
+    obj: SceneObject, size: int, rng: np.random.Generator, others: list[SceneObject] | None = None
+) -> tuple[list[str], list[bool]]:
+    """One object's noun phrase: (words, which words describe the object). At least one attribute is named. With
+    ``others``, attributes are added in a random order until the phrase fits no other object, read as a listener
+    would: an object fits when it has every content word ("on the right" fits the top right corner too); as far as
+    the four attributes allow."""
+    chosen = {a for a, p in zip(ATTRIBUTES, (P_SIZE, P_COLOUR, P_SHAPE_WORD, P_LOCATION)) if rng.random() < p}
+    chosen = chosen or {"colour"}
+    if others:
+        missing = [a for a in rng.permutation(ATTRIBUTES).tolist() if a not in chosen]
+        while missing and any(_named(obj, chosen, size) <= _named(o, set(ATTRIBUTES), size) for o in others):
+            chosen.add(missing.pop(0))
     words, described = [str(rng.choice(("a", "the")))], [False]
-    if rng.random() < P_SIZE:
-        words.append(obj.size)
-        described.append(True)
-    if rng.random() < P_COLOUR or len(words) == 1:
-        words.append(obj.colour)
-        described.append(True)
-    words.append(obj.shape if rng.random() < P_SHAPE_WORD else "one")
-    described.append(words[-1] != "one")
-    if rng.random() < P_LOCATION:
+    for attribute in ("size", "colour"):
+        if attribute in chosen:
+            words.append(getattr(obj, attribute))
+            described.append(True)
+    words.append(obj.shape if "shape" in chosen else "one")
+    described.append("shape" in chosen)
+    if "location" in chosen:
         where = location_words(obj, size)
         words += where
         described += [w in COLUMNS + ROWS for w in where]
     return words, described
 
 
-def describe(objects: list[SceneObject], size: int, rng: np.random.Generator, fits=None) -> Caption:
+def describe(
+    objects: list[SceneObject], size: int, rng: np.random.Generator, fits=None, refer_first: bool = False
+) -> Caption:
     """Phrases for the objects in a random order, joined by "and"; ``fits(words)`` (e.g. the text budget in
-    tokens) decides whether one more phrase still fits. The first phrase is always kept."""
+    tokens) decides whether one more phrase still fits. The first phrase is always kept; with ``refer_first`` it
+    singles its object out (``phrase`` with the others), and ``Caption.referent`` names that object."""
     words: list[str] = []
     links: list[int] = []
-    for index in rng.permutation(len(objects)):
-        part, described = phrase(objects[int(index)], size, rng)
+    order = [int(i) for i in rng.permutation(len(objects))]
+    for index in order:
+        others = [o for k, o in enumerate(objects) if k != index] if refer_first and not words else None
+        part, described = phrase(objects[index], size, rng, others)
         glue = ["and"] if words else []
         candidate = words + glue + part
         if words and fits is not None and not fits(candidate):
             break
         words = candidate
-        links += [NO_OBJECT] * len(glue) + [int(index) if d else NO_OBJECT for d in described]
-    return Caption(tuple(words), tuple(links))
+        links += [NO_OBJECT] * len(glue) + [index if d else NO_OBJECT for d in described]
+    return Caption(tuple(words), tuple(links), order[0])
 
 
 def coverage(objects: list[SceneObject], size: int, patch: int) -> np.ndarray:

@@ -51,6 +51,9 @@ class Objectives:
 
     align: float = 1.0
     mlm: float = 1.0
+    # Object-token alignment: the vision [CLS] token (SimVG's object token) against the patches of the object the
+    # caption's first phrase singles out; 0 leaves the [CLS] token untrained, as BEiT-3-style pre-training does.
+    object: float = 0.0
     align_dim: int = 64  # width of the alignment projections
     temperature: float = 0.07
 
@@ -97,8 +100,8 @@ def check(cfg: PretrainConfig) -> PretrainConfig:
         raise UserError(f"data.max_tokens must be at least 8 (one phrase and <s>, </s>), got {d.max_tokens}")
     if not 0.0 <= d.mask_prob < 1.0:
         raise UserError(f"data.mask_prob must be in [0, 1), got {d.mask_prob}")
-    if loss.align < 0 or loss.mlm < 0 or loss.align + loss.mlm == 0:
-        raise UserError("loss.align and loss.mlm must be >= 0 and not both 0")
+    if min(loss.align, loss.mlm, loss.object) < 0 or loss.align + loss.mlm + loss.object == 0:
+        raise UserError("loss.align, loss.mlm and loss.object must be >= 0 and not all 0")
     if loss.temperature <= 0:
         raise UserError(f"loss.temperature must be positive, got {loss.temperature}")
     for name in ("batch_size", "max_steps", "checkpoint_every_steps", "eval_every_steps", "log_every_steps", "threads"):

@@ -36,8 +36,12 @@ def normalise(image: np.ndarray) -> Tensor:
 class CaptionScenes(Dataset):
     """Map-style view of one stream of generated samples (``len`` is only a bound for samplers)."""
 
-    def __init__(self, cfg: CaptionData, tokenizer: BEiT3Tokenizer, image_size: int, patch: int, stream: int):
+    def __init__(
+        self, cfg: CaptionData, tokenizer: BEiT3Tokenizer, image_size: int, patch: int, stream: int,
+        refer_first: bool = False,
+    ) -> None:  # fmt: skip
         self.cfg, self.tokenizer, self.size, self.patch, self.stream = cfg, tokenizer, image_size, patch, stream
+        self.refer_first = refer_first  # the first phrase singles its object out (the object-token objective)
         self.mask_id = tokenizer.vocab_size - 1  # BEiT-3's <mask>, the last id
 
     def __len__(self) -> int:
@@ -48,11 +52,13 @@ class CaptionScenes(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample: ``image`` [3, S, S], ``ids`` / ``labels`` / ``links`` [L] long (``links`` = object of each
-        token or -1), ``pad`` [L] bool, ``coverage`` [MAX_OBJECTS, N] float, ``caption`` str."""
+        token or -1), ``pad`` [L] bool, ``coverage`` [MAX_OBJECTS, N] float, ``referent`` long (the first
+        phrase's object), ``caption`` str."""
         rng = np.random.default_rng([self.cfg.seed, self.stream, int(index)])
         image, objects = draw_scene(rng, self.size, self.cfg.max_objects, self.cfg.background)
         budget = self.cfg.max_tokens - 2  # <s> and </s>
-        caption = describe(objects, self.size, rng, fits=lambda words: sum(map(len, self.word_ids(words))) <= budget)
+        fits = lambda words: sum(map(len, self.word_ids(words))) <= budget  # noqa: E731
+        caption = describe(objects, self.size, rng, fits=fits, refer_first=self.refer_first)
         ids, links = [BOS_ID], [NO_OBJECT]
         for pieces, link in zip(self.word_ids(caption.words), caption.links):
             ids += pieces
@@ -73,6 +79,7 @@ class CaptionScenes(Dataset):
             "labels": torch.tensor(labels + [IGNORE] * pad),
             "links": torch.tensor(links + [NO_OBJECT] * pad),
             "coverage": torch.from_numpy(share),
+            "referent": torch.tensor(caption.referent),
             "caption": caption.text,
         }
 

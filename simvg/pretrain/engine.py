@@ -49,7 +49,11 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def weighted_loss(losses: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
     w = cfg.loss
-    return w.align * (losses["align_t2p"] + losses["align_p2t"]) / 2 + w.mlm * losses["mlm"]
+    return (
+        w.align * (losses["align_t2p"] + losses["align_p2t"]) / 2
+        + w.mlm * losses["mlm"]
+        + w.object * losses["align_object"]
+    )
 
 
 @torch.no_grad()
@@ -63,13 +67,15 @@ def validate(model: nn.Module, loader: DataLoader, cfg: PretrainConfig, device: 
         with autocast(device, cfg.train.amp):
             out = model(batch["image"], batch["ids"], batch["pad"])
         losses = pretrain_losses(out, batch, cfg.loss.temperature)
-        items = {"align_t2p": losses["t2p_items"], "align_p2t": losses["t2p_items"], "mlm": losses["mlm_items"]}
-        for key in ("align_t2p", "align_p2t", "mlm"):  # loss means weighted by their item counts
-            sums[key] = sums.get(key, 0.0) + float(losses[key]) * float(items[key])
-        for key in ("t2p_hits", "t2p_items", "mlm_hits", "mlm_items"):
+        items = {"align_t2p": losses["t2p_items"], "align_p2t": losses["t2p_items"], "mlm": losses["mlm_items"],
+                 "align_object": losses["object_items"]}  # fmt: skip
+        for key, count in items.items():  # loss means weighted by their item counts
+            sums[key] = sums.get(key, 0.0) + float(losses[key]) * float(count)
+        for key in ("t2p_hits", "t2p_items", "mlm_hits", "mlm_items", "object_hits", "object_items"):
             sums[key] = sums.get(key, 0.0) + float(losses[key])
     totals = dist.reduce_dict(sums, device) if dist.is_distributed() else sums
     t2p, mlm = max(totals.get("t2p_items", 0.0), 1.0), max(totals.get("mlm_items", 0.0), 1.0)
+    obj = max(totals.get("object_items", 0.0), 1.0)
     model.train()
     return {
         "align_t2p": totals.get("align_t2p", 0.0) / t2p,
@@ -77,6 +83,8 @@ def validate(model: nn.Module, loader: DataLoader, cfg: PretrainConfig, device: 
         "mlm": totals.get("mlm", 0.0) / mlm,
         "t2p_acc": 100.0 * totals.get("t2p_hits", 0.0) / t2p,
         "mlm_acc": 100.0 * totals.get("mlm_hits", 0.0) / mlm,
+        "align_object": totals.get("align_object", 0.0) / obj,
+        "object_acc": 100.0 * totals.get("object_hits", 0.0) / obj,
     }
 
 
@@ -140,8 +148,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         atomic_write_bytes(dump_config(to_dict(cfg)).encode("utf-8"), out_dir / "config.yaml")
 
     grid = encoder_cfg.img_size, encoder_cfg.patch_size
-    train_set = CaptionScenes(d, tokenizer, *grid, stream=TRAIN_STREAM)
-    val_set = CaptionScenes(d, tokenizer, *grid, stream=VAL_STREAM)
+    refer = cfg.loss.object > 0  # captions whose first phrase singles its object out
+    train_set = CaptionScenes(d, tokenizer, *grid, stream=TRAIN_STREAM, refer_first=refer)
+    val_set = CaptionScenes(d, tokenizer, *grid, stream=VAL_STREAM, refer_first=refer)
     train_loader = DataLoader(train_set, batch_sampler=StepBatches(step, t.max_steps, t.batch_size, info.rank,
                               info.world_size), collate_fn=collate, num_workers=d.num_workers)  # fmt: skip
     val_ids = list(range(info.rank, d.val_samples, info.world_size))
@@ -171,7 +180,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         step += 1
         averages.update({
             "loss": float(loss.detach()), "align_t2p": scalars["align_t2p"], "align_p2t": scalars["align_p2t"],
-            "mlm": scalars["mlm"], "grad_norm": float(grad_norm),
+            "mlm": scalars["mlm"], "align_object": scalars["align_object"], "grad_norm": float(grad_norm),
+            "object_acc": 100.0 * scalars["object_hits"] / max(scalars["object_items"], 1.0),
             "t2p_acc": 100.0 * scalars["t2p_hits"] / max(scalars["t2p_items"], 1.0),
         })  # fmt: skip
         if step % t.log_every_steps == 0 or step == t.max_steps:
@@ -179,9 +189,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             averages.reset()
             writer.write("train", step=step, lr=scheduler.get_last_lr()[0], **means)
             rate = (time.monotonic() - started) / max(step - first_step, 1)
-            log.info("step %d/%d loss %.4f t2p %.3f p2t %.3f mlm %.3f t2p_acc %.1f%% (%.2f s/step, %s left)", step,
-                     t.max_steps, means["loss"], means["align_t2p"], means["align_p2t"], means["mlm"],
-                     means["t2p_acc"], rate, format_duration(rate * (t.max_steps - step)))  # fmt: skip
+            log.info("step %d/%d loss %.4f t2p %.3f p2t %.3f obj %.3f mlm %.3f t2p_acc %.1f%% obj_acc %.1f%% "
+                     "(%.2f s/step, %s left)", step, t.max_steps, means["loss"], means["align_t2p"],
+                     means["align_p2t"], means["align_object"], means["mlm"], means["t2p_acc"], means["object_acc"],
+                     rate, format_duration(rate * (t.max_steps - step)))  # fmt: skip
         if d.val_samples and (step % t.eval_every_steps == 0 or step == t.max_steps):
             metrics = validate(net, val_loader, cfg, info.device)
             writer.write("val", step=step, **metrics)

@@ -7,6 +7,8 @@ grounding pre-training, with SynthRef's links in place of human annotation:
   each patch's coverage by k);
 - patch -> tokens: for every patch mostly covered by one object k (share >= 0.5), a softmax over the caption's
   tokens is pulled towards the tokens linked to k (uniform over them).
+Object-token alignment (optional, ``loss.object``): the vision [CLS] token, which SimVG's token branch reads as its
+object token, against the patches of the object the caption's first phrase singles out (soft target by coverage).
 Masked language modelling: object words replaced by ``<mask>`` are predicted from the image and the rest of the
 caption, through a linear head on the text features.
 
@@ -35,13 +37,15 @@ class PretrainModel(nn.Module):
         self.align_text = nn.Linear(cfg.embed_dim, align_dim)
         self.align_image = nn.Linear(cfg.embed_dim, align_dim)
         self.mlm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size)
+        self.align_object = nn.Linear(cfg.embed_dim, align_dim)
 
     def forward(self, image: Tensor, ids: Tensor, pad: Tensor) -> dict[str, Tensor]:
-        """image [B, 3, S, S], ids / pad [B, L] -> ``patches`` [B, N, A] and ``words`` [B, L, A] (unit vectors),
-        ``mlm_logits`` [B, L, V]."""
+        """image [B, 3, S, S], ids / pad [B, L] -> ``object`` [B, A] (the [CLS] token), ``patches`` [B, N, A] and
+        ``words`` [B, L, A] (unit vectors), ``mlm_logits`` [B, L, V]."""
         x, split = self.beit3(image, ids, pad)
         patches, text = x[:, 1:split], x[:, split:]
         return {
+            "object": F.normalize(self.align_object(x[:, 0]), dim=-1),
             "patches": F.normalize(self.align_image(patches), dim=-1),
             "words": F.normalize(self.align_text(text), dim=-1),
             "mlm_logits": self.mlm_head(text),
@@ -57,8 +61,9 @@ def _soft_cross_entropy(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor
 
 
 def pretrain_losses(out: dict[str, Tensor], batch: dict[str, Tensor], temperature: float) -> dict[str, Tensor]:
-    """``align_t2p``, ``align_p2t`` and ``mlm`` losses (each a mean over its valid items) plus the counts behind
-    the accuracies: ``t2p_hits`` / ``t2p_items``, ``mlm_hits`` / ``mlm_items`` (detached)."""
+    """``align_t2p``, ``align_p2t``, ``align_object`` and ``mlm`` losses (each a mean over its valid items) plus
+    the counts behind the accuracies: ``t2p_hits`` / ``t2p_items``, ``object_hits`` / ``object_items``,
+    ``mlm_hits`` / ``mlm_items`` (detached)."""
     sim = out["words"] @ out["patches"].transpose(1, 2) / temperature  # [B, L, N]
     links, cover, pad = batch["links"], batch["coverage"], batch["pad"]
     linked = links.ne(NO_OBJECT)  # [B, L]
@@ -85,10 +90,19 @@ def pretrain_losses(out: dict[str, Tensor], batch: dict[str, Tensor], temperatur
         mlm_hits = mlm_logits.argmax(-1).eq(labels[masked]).sum()
     else:
         mlm, mlm_hits = out["mlm_logits"].sum() * 0.0, labels.new_zeros(())
+    # object token -> patches of the first phrase's object
+    ref_cover = cover[torch.arange(cover.shape[0]), batch["referent"].clamp(min=0)]  # [B, N]
+    has_ref = batch["referent"].ge(0) & ref_cover.sum(-1).gt(0)
+    obj_sim = (out["object"][:, None, :] * out["patches"]).sum(-1) / temperature  # [B, N]
+    align_object = _soft_cross_entropy(obj_sim, ref_cover / ref_cover.sum(-1, keepdim=True).clamp(min=1e-6), has_ref)
     with torch.no_grad():
         best = sim.argmax(-1, keepdim=True)  # [B, L, 1]: each token's most similar patch
         hit = torch.gather(token_cover, 2, best)[..., 0].gt(0) & has_pixels
+        obj_hit = torch.gather(ref_cover, 1, obj_sim.argmax(-1, keepdim=True))[:, 0].gt(0) & has_ref
     return {
+        "align_object": align_object,
+        "object_hits": obj_hit.sum().float(),
+        "object_items": has_ref.sum().float(),
         "align_t2p": align_t2p,
         "align_p2t": align_p2t,
         "mlm": mlm,
