@@ -45,7 +45,7 @@ default-grec: $(STAMP)
 	$(BIN)/simvg train configs/synthref_grec.yaml
 
 # Mutation testing of the core formula modules ([tool.mutmut] in pyproject.toml; docs/mutation.md has the last run).
-# Not part of `make test`: about 2 hours on a shared 2-core VM. Results and the mutated copy live in mutants/;
+# Not part of `make test`: about 35 minutes on a shared 2-core VM. Results and the mutated copy live in mutants/;
 # `$(BIN)/mutmut show NAME` prints one mutant, `$(BIN)/mutmut browse` browses them. MUTATE_JOBS: parallel mutants.
 MUTATE_STAMP := $(VENV)/.mutate-installed
 MUTATE_JOBS ?= 1

@@ -115,7 +115,7 @@ def official_model(folder: Path, data: Path) -> tuple[Path, list[str]]:
     save_file(state, str(folder / "official_tiny_rec.safetensors"))
     entries = json.loads((data / "instances.json").read_text())["train"]
     texts = [text for entry in entries for text in entry["expressions"]][:4000]
-    tokenizer = train_tokenizer(texts, folder / "tokenizer.spm", vocab_size=200)
+    tokenizer = train_tokenizer(texts, folder / "tokenizer.spm", vocab_size=100)
     return folder / "official_tiny_rec.safetensors", ["--tokenizer", str(tokenizer)]
 
 
@@ -134,19 +134,21 @@ def main() -> None:
     parser.add_argument("--rec", type=Path, required=True, help="easy-level SynthRef REC data (seed 0)")
     parser.add_argument("--grec", type=Path, required=True, help="easy-level SynthRef GREC data (seed 1)")
     parser.add_argument("--splits", nargs="+", default=["val", "testA", "testB"])
+    parser.add_argument("--max-samples", type=int, default=0, help="the first N expressions per split (0: all)")
     args = parser.parse_args()
+    limit = ["--max-samples", str(args.max_samples)] if args.max_samples else []
     torch.set_num_threads(1)
     assets, configs = ROOT / "simvg" / "assets", ROOT / "configs"
     rows = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         rows += measure("REC default", assets / "default", configs / "synthref_rec.yaml", args.rec, "rec",
-                        args.splits, [], tmp)  # fmt: skip
+                        args.splits, limit, tmp)  # fmt: skip
         rows += measure("GREC default", assets / "default_grec", configs / "synthref_grec.yaml", args.grec, "grec",
-                        args.splits, [], tmp)  # fmt: skip
+                        args.splits, limit, tmp)  # fmt: skip
         official, extra = official_model(tmp, args.rec)
         rows += measure("official tiny REC (random)", official, configs / "synthref_rec.yaml", args.rec, "rec",
-                        args.splits, extra, tmp)  # fmt: skip
+                        args.splits, extra + limit, tmp)  # fmt: skip
     print(table(rows))
 
 

@@ -22,6 +22,7 @@ SMOKED_HERE = {"data.py", "encoder.py", "inference.py", "model.py", "synthref.py
 COVERED_ELSEWHERE = {  # script -> the test file that runs it end to end
     "ablate.py": "test_ablate.py",
     "binding_probe.py": "test_binding_probe.py",
+    "int8_accuracy.py": "test_quantize.py",
     "targets.py": "test_targets.py",
 }
 

@@ -238,14 +238,14 @@ def test_temporary_file_is_hidden_beside_the_destination(tmp_path: Path) -> None
 
 
 def test_written_file_has_the_mode_of_an_ordinary_open(tmp_path: Path) -> None:
-    old = os.umask(0o027)
+    old = os.umask(0o022)  # 0o666 & ~0o022 = 0o644 (a umask with 7 in the last digit would hide an x bit there)
     try:
         C.atomic_write_bytes(b"x", tmp_path / "f")
         with open(tmp_path / "g", "wb") as f:
             f.write(b"x")
     finally:
         os.umask(old)
-    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640 == (tmp_path / "g").stat().st_mode & 0o777
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644 == (tmp_path / "g").stat().st_mode & 0o777
 
 
 def test_failed_write_raises_its_own_error_even_if_the_temporary_is_gone(tmp_path: Path) -> None:
@@ -429,3 +429,18 @@ def test_rng_state_layout_is_plain_integer_tensors() -> None:
     if not torch.cuda.is_available():
         assert state["cuda"] == []
     C.set_rng_state(pickle.loads(pickle.dumps(state)))  # and it round-trips
+
+
+def test_files_of_other_pickle_protocols_load_without_warnings(tmp_path: Path) -> None:
+    """Torch warns (UserWarning) about pickle protocols it did not write, e.g. a legacy-format file at protocol 3;
+    that is noise for the user: the file loads and nothing is printed."""
+    import warnings
+
+    path = tmp_path / "p3.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, path, _use_new_zipfile_serialization=False,
+               pickle_protocol=3)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        obj = C.load_checkpoint(path)
+    assert obj["epoch"] == 3 and torch.equal(obj["model"]["w"], torch.ones(2))
+    assert not caught, [str(w.message) for w in caught]

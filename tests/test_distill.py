@@ -177,8 +177,9 @@ def test_a_missing_branch_is_named_before_any_loss_is_computed():
          "distillation needs the decoder branch; call the model with branch='both'"),
     ]  # fmt: skip
     for cfg, outputs, message in cases:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        with pytest.raises(ValueError) as err:
             SimVGLoss(cfg)(outputs, targets)
+        assert str(err.value).startswith(message), (str(err.value), message)
 
 
 def test_token_weight_one_is_applied():
@@ -195,3 +196,18 @@ def test_loss_config_reaches_matcher_and_criterion():
     assert (loss.matcher.cost_class, loss.matcher.cost_bbox, loss.matcher.cost_giou) == (3.0, 7.0, 4.0)
     assert loss.criterion.weights == {"loss_class": 2.5, "loss_bbox": 6.0, "loss_giou": 3.5}
     assert loss.criterion.class_weight.tolist() == pytest.approx([1.0, 0.2])
+
+
+def test_required_branch_with_unit_weights():
+    assert SimVGLoss(LossConfig(decoder=0.0, token=1.0, distill_mode="none")).required_branch == "token"
+    assert SimVGLoss(LossConfig(decoder=1.0, token=0.0, distill=0.0)).required_branch == "decoder"
+    assert SimVGLoss(LossConfig(decoder=0.0, token=0.0, distill=1.0)).required_branch == "both"
+
+
+def test_teacher_targets_of_an_empty_batch():
+    """No sample at all: no pseudo targets and w = 0 as a float32 scalar, whatever the decoder's dtype (bf16 under
+    autocast)."""
+    out = {"pred_logits": torch.zeros(0, 3, 2, dtype=torch.bfloat16), "pred_boxes": torch.zeros(0, 3, 4)}
+    out["pred_boxes"] = out["pred_boxes"].bfloat16()
+    pseudo, w = teacher_targets(out, [], HungarianMatcher())
+    assert pseudo == [] and w.shape == () and w.dtype == torch.float32 and w.item() == 0.0

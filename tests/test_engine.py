@@ -479,3 +479,14 @@ def test_eval_split_all_evaluates_val_and_test_splits(trained, tmp_path, capsys)
     assert main(["eval", "--checkpoint", ckpt, "--split", "all", "--set", "data.test_splits=[train]"]) == 0
     out = capsys.readouterr().out
     assert "val: 8 expressions" in out and "train: 32 expressions" in out
+
+
+def test_train_output_option_wins_over_set_and_says_so(trained, tmp_path, capsys):
+    """``--output`` beats ``--set train.output_dir`` (and says so): here it names the finished run's folder, so the
+    command is refused as a rerun; had the ``--set`` won, a new run would have started in ``elsewhere``."""
+    cfg, _ = trained
+    path = write_config(cfg, tmp_path / "cfg.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    code = main(["train", str(path), "--set", f"train.output_dir={elsewhere}", "--output", cfg.train.output_dir])
+    assert code == 2 and not elsewhere.exists()
+    assert f"simvg train: --output {cfg.train.output_dir} wins over --set train.output_dir" in capsys.readouterr().err

@@ -69,3 +69,22 @@ def test_all_targets_empty_and_single_query():
     one = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])} for _ in range(3)]
     for q, t in HungarianMatcher()(outputs, one):  # Q = 1, one target: the match is trivial
         assert q.tolist() == [0] and t.tolist() == [0]
+
+
+def test_box_cost_is_l1_over_all_four_coordinates():
+    """Two coordinates differ by 0.1: the L1 distance is 0.2 (an L2 distance would be 0.141; with one differing
+    coordinate, as in the test above, the two agree)."""
+    outputs = {"pred_logits": _logits_for([0.5])[None], "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.6, 0.6, 0.2, 0.2]])}]
+    only_box = HungarianMatcher(cost_class=0.0, cost_bbox=1.0, cost_giou=0.0).cost_matrix(outputs, targets)
+    assert math.isclose(only_box.item(), 0.2, rel_tol=1e-5)
+
+
+def test_targets_in_double_precision_give_the_same_costs():
+    """Ground truth may come as float64 (e.g. built from NumPy); it is compared in the predictions' dtype."""
+    pred = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]])
+    outputs = {"pred_logits": _logits_for([0.8, 0.3])[None], "pred_boxes": pred}
+    boxes = torch.tensor([[0.6, 0.5, 0.2, 0.2]])
+    single = HungarianMatcher().cost_matrix(outputs, [{"labels": torch.tensor([0]), "boxes": boxes}])
+    double = HungarianMatcher().cost_matrix(outputs, [{"labels": torch.tensor([0]), "boxes": boxes.double()}])
+    assert double.dtype == torch.float32 and torch.equal(single, double)

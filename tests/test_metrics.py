@@ -187,3 +187,11 @@ def test_grec_outcome_fields_of_the_early_returns():
     assert grec_outcome(boxes([0, 0, 10, 10]), torch.tensor([0.1]), two) == GrecOutcome(False, 0, 0, 0, 2)
     found = grec_outcome(boxes([0, 0, 10, 10], [50, 50, 60, 60]), torch.tensor([0.9, 0.8]), two)
     assert found == GrecOutcome(False, 2, 1, 1, 1) and found.no_target is False
+
+
+def test_f1_values():
+    """F1 itself (the dump and the summary's ``correct`` read it): 1 for a rejected no-target expression, 0 for a
+    false alarm, 2tp / (2tp + fp + fn) otherwise."""
+    assert GrecOutcome(True, 0, 0, 0, 0).f1 == 1.0 and GrecOutcome(True, 2, 0, 0, 0).f1 == 0.0
+    assert GrecOutcome(False, 3, 2, 1, 1).f1 == pytest.approx(4 / 6)
+    assert GrecOutcome(False, 2, 2, 0, 0).f1 == 1.0 and GrecOutcome(False, 2, 2, 0, 0).correct

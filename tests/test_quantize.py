@@ -257,7 +257,8 @@ def test_bad_precision_inputs_are_one_clear_line(folder, onnx_graphs, tmp_path, 
          "token.onnx: an fp32 ONNX graph, not int8; export one with 'simvg export onnx --int8', or run the PyTorch "
          "model with --precision int8"),
         (["--checkpoint", str(folder), "--precision", "int8", "--device", "cuda"],
-         "--precision int8 runs on the CPU only (dynamic int8), not on cuda; use --device cpu or --precision fp32"),
+         "--precision int8 runs on the CPU only (dynamic int8), not on cuda; use --device cpu (eval: --set "
+         "train.device=cpu) or --precision fp32"),
         (["--checkpoint", str(folder), "--threads", "0"], "--threads must be a whole number of at least 1, got 0"),
     ]  # fmt: skip
     for argv, message in cases:
@@ -280,16 +281,44 @@ def test_compile_is_plumbed_and_refused_where_it_does_not_apply(folder, tmp_path
     calls = []
 
     def fake_compile(module, **options):
-        calls.append(options)
-        return module
+        def run(*args, **kwargs):  # what Inductor would see when it compiles: freezing on, gradients off
+            calls.append((options, torch._inductor.config.freezing, torch.is_grad_enabled()))
+            return module(*args, **kwargs)
+
+        return run
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     grounder = Grounder.from_checkpoint(folder, compile=True)
-    assert calls == [{"dynamic": False, "options": {"freezing": True}}]
     assert len(grounder.ground(scene(), "the red circle").boxes) == 1
+    assert calls == [({"dynamic": False}, True, False)] and not torch._inductor.config.freezing
     scene().save(tmp_path / "photo.png")
     capsys.readouterr()
     assert main(["ground", str(tmp_path / "photo.png"), "a", "--checkpoint", str(folder), "--compile",
                  "--precision", "int8"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--compile applies to fp32 PyTorch models only" in err
+
+
+@pytest.mark.slow
+def test_int8_accuracy_script_end_to_end(tmp_path):
+    """benchmarks/int8_accuracy.py on two small SynthRef sets (val only, 12 expressions): a row per model and
+    branch, the fp32 and int8 metrics and an agreement in [0, 100]."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    for task, seed in (("rec", 0), ("grec", 1)):
+        assert main(["data", "synth", "--out", str(tmp_path / task), "--task", task, "--num-images", "60",
+                     "--image-size", "128", "--seed", str(seed), "--max-objects", "4", "--background", "plain",
+                     "--workers", "1"]) == 0  # fmt: skip
+    proc = subprocess.run([sys.executable, "benchmarks/int8_accuracy.py", "--rec", str(tmp_path / "rec"), "--grec",
+                           str(tmp_path / "grec"), "--splits", "val", "--max-samples", "12"],
+                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = r"(REC default|GREC default|official tiny REC \(random\))"
+    n = r"([0-9.]+)"
+    row = rf"^\| {model} \| val \| 12 \| (decoder|token) \| [^|]+ \| {n} \| {n} \| [-+0-9.]+ \| {n} % \|$"
+    rows = re.findall(row, proc.stdout, re.M)
+    assert len(rows) == 6, proc.stdout
+    assert all(0 <= float(agree) <= 100 for *_, agree in rows)

@@ -472,8 +472,8 @@ def test_lsj_on_one_pixel_wide_images(jitter, size, out_size, affine):
 
 
 def test_lsj_at_scale_one_draws_nothing_after_the_scale():
-    """s = 1 is the un-cropped case: the augmentation stream then continues right after the scale draw (a crop
-    search would consume 2 x 5 x 100 more draws and shift every later draw of the sample)."""
+    """s = 1 draws the scale and nothing else, so the sample's later draws (the flip) are the same whatever the
+    image size; an extra draw here would shift every later draw of the sample."""
     rng, ref = np.random.default_rng(3), np.random.default_rng(3)
     LargeScaleJitter(64, jitter_min=1.0, jitter_max=1.0)(_sample(), rng)
     ref.uniform(1.0, 1.0)

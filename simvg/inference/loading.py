@@ -46,10 +46,12 @@ class TorchRunner:
         self.model = model.eval().to(device)
         if compile:
             self.model = compile_for_inference(self.model)
+        # Inductor's freezing applies under no_grad; eager runs take inference_mode (a little leaner)
+        self.grad_off = torch.no_grad if compile else torch.inference_mode
         self.device = device
 
     def __call__(self, images: Tensor, ids: Tensor, mask: Tensor, branch: str) -> tuple[Tensor, Tensor]:
-        with torch.inference_mode():
+        with self.grad_off():
             out = self.model(images.to(self.device), ids.to(self.device), mask.to(self.device), branch=branch)
         return out[branch]["pred_logits"].float().cpu(), out[branch]["pred_boxes"].float().cpu()
 

@@ -54,8 +54,8 @@ def check_precision(precision: str | None, device: str | torch.device) -> str:
     except (RuntimeError, TypeError):
         kind = "cpu"  # not a device name: artifact.torch_device says so
     if precision == "int8" and kind != "cpu":
-        raise UserError(f"--precision int8 runs on the CPU only (dynamic int8), not on {device}; use --device cpu or "
-                        "--precision fp32")  # fmt: skip
+        raise UserError(f"--precision int8 runs on the CPU only (dynamic int8), not on {device}; use --device cpu "
+                        "(eval: --set train.device=cpu) or --precision fp32")  # fmt: skip
     return precision
 
 

@@ -459,15 +459,32 @@ class BEiT3(nn.Module):
         return keep[:, None, None, :]
 
 
+class FrozenCompiled(nn.Module):
+    """``module`` under ``torch.compile`` (static shapes), compiled with Inductor's freezing on: the weights become
+    constants, so the GEMMs run on pre-packed weights and the bias, GELU, LayerNorm and residual passes are fused into
+    generated kernels; the maths is unchanged (parity with torchscale stays within 1e-4). Call it under
+    ``torch.no_grad()`` only (freezing is an inference transform).
+
+    Measured on a CPU, BEiT-3 base encoder at 640/p32, batch 1, one thread: 0.66x torchscale's time against 0.83x
+    eager (benchmarks/RESULTS.md). The price: each new input shape (batch size, branch) compiles first (~1.5-3
+    minutes for the base encoder on one busy core), and a C++ compiler must be present. For a long-running server;
+    not for one grounding.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(module, dynamic=False)
+
+    def forward(self, *args, **kwargs):
+        # Inductor reads its config when it compiles, i.e. inside the first call of each shape; a
+        # torch.compile(options={"freezing": True}) did not freeze (measured: no gain).
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+
 def compile_for_inference(module: nn.Module) -> nn.Module:
-    """``module`` under ``torch.compile`` with Inductor's freezing, for inference (``torch.no_grad`` or
-    ``inference_mode``) only: the weights become constants, so the GEMMs run on pre-packed weights and the bias, GELU,
-    LayerNorm and residual passes are fused into generated kernels; the maths is unchanged (parity with torchscale
-    stays within 1e-4). On a CPU the BEiT-3 base encoder at 640/p32, batch 1, one thread took 0.71x torchscale's
-    time against 0.82-0.87x eager (benchmarks/RESULTS.md). The price: each new input shape (batch size, branch)
-    compiles first, ~1.5-2 minutes on one core, and a C++ compiler must be present. Worth it for a long-running
-    server; not for one grounding."""
-    return torch.compile(module, dynamic=False, options={"freezing": True})
+    """``FrozenCompiled(module)``: ``torch.compile`` with Inductor's freezing, for ``torch.no_grad`` inference."""
+    return FrozenCompiled(module)
 
 
 # ----------------------------------------------------------------------------------------------------------------
