@@ -314,12 +314,21 @@ def test_a_pickled_object_is_refused_with_its_reason(tmp_path: Path) -> None:
     path = tmp_path / "obj.pth"
     torch.save({"model": {}, "extra": Fraction(1, 2)}, path)
     message = (
-        f"{path}: not a readable checkpoint (it holds Python objects beyond tensors and plain data, which are never "
-        "unpickled here)"
+        f"{path}: not a readable checkpoint (it holds Python objects (fractions.Fraction) beyond tensors and plain "
+        "data, which are never unpickled here)"
     )
     with pytest.raises(UserError) as err:
         C.load_checkpoint(path)
     assert str(err.value) == message
+
+
+def test_garbage_bytes_are_not_called_python_objects(tmp_path: Path) -> None:
+    """torch >= 2.6 words every weights-only failure alike; garbage must not be reported as a pickle of objects."""
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError) as err:
+        C.load_checkpoint(path)
+    assert str(err.value) == f"{path}: not a readable checkpoint (damaged, or not a torch file)"
 
 
 def _first_line_of_torch_error(path: Path) -> str:
@@ -332,7 +341,7 @@ def _first_line_of_torch_error(path: Path) -> str:
 @pytest.mark.parametrize("content", ["truncated", b"PK\x03\x04junk", b""])
 def test_an_unreadable_file_is_named_with_the_first_line_of_the_cause(tmp_path: Path, content) -> None:
     """Torch's own error, first line only (an empty file's EOFError has no text: its type names it). (Plain garbage
-    bytes reach torch's weights-only unpickler, whose error is the "Python objects" one above.)"""
+    bytes reach torch's weights-only unpickler: the test below.)"""
     path = tmp_path / "bad.pth"
     if content == "truncated":  # a zip that torch opens and then fails on
         torch.save({"w": torch.zeros(1000)}, path)

@@ -27,6 +27,7 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import signal
 import tempfile
 import warnings
@@ -262,11 +263,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise UserError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
+        # torch >= 2.6 wraps every weights-only failure in one long text; only "Unsupported global" means that
+        # the file is a pickle of other Python objects, anything else is a damaged or foreign file.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise UserError(f"{path}: not a readable checkpoint (damaged, or not a torch file)") from None
         raise UserError(
-            f"{path}: not a readable checkpoint (it holds Python objects beyond tensors and plain data, "
-            "which are never unpickled here)"
+            f"{path}: not a readable checkpoint (it holds Python objects ({found.group(1)}) beyond tensors and "
+            "plain data, which are never unpickled here)"
         ) from None
     except Exception as exc:  # torch's unpickler raises many types (IndexError, RuntimeError...) on garbage
         raise UserError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
