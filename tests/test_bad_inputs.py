@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
-from grounding_helpers import make_model_folder, scene
+from grounding_helpers import scene
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -76,16 +76,6 @@ def corpus(tmp_path_factory):
             (root / name).write_bytes(data)
     (root / "good.png").write_bytes(encoded(scene(), "PNG"))
     return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def grounder(folder):
-    return Grounder.from_checkpoint(folder)
 
 
 def assert_one_line_error(capsys, *needles: str) -> None:

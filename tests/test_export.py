@@ -8,18 +8,13 @@ import onnx
 import pytest
 import torch
 import yaml
-from grounding_helpers import make_model_folder, scene
+from grounding_helpers import scene
 
 from simvg.cli import main
 from simvg.errors import UserError
 from simvg.inference.grounder import Grounder
 
 TEXTS = ["the red circle on the left", "a", "all red shapes " * 5, "красный"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")

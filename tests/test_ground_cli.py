@@ -13,11 +13,6 @@ from simvg.inference.commands import MAX_REPORTED_BAD
 from simvg.inference.grounder import Grounder
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("cli"))
-
-
 @pytest.fixture()
 def image(tmp_path):
     path = tmp_path / "scene.png"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from grounding_helpers import make_checkpoint, make_model_folder, make_tokenizer, scene
+from grounding_helpers import make_checkpoint, make_tokenizer, scene
 
 from simvg import artifact
 from simvg.artifact import ModelSpec, Preprocess, object_scores, postprocess
@@ -18,16 +18,6 @@ from simvg.data.tokenizer import BEiT3Tokenizer
 from simvg.errors import UserError
 from simvg.inference.grounder import Grounder, GroundingResult, check_text
 from simvg.models import MODEL_PRESETS
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("rec"))
-
-
-@pytest.fixture(scope="module")
-def grounder(folder):
-    return Grounder.from_checkpoint(folder)
 
 
 class FixedRunner:

@@ -25,7 +25,7 @@ import pytest
 import torch
 from engine_data import make_config, make_dataset, write_config
 from fastapi.testclient import TestClient
-from grounding_helpers import make_model_folder, running_server, scene
+from grounding_helpers import running_server, scene
 from PIL import Image
 
 from simvg.cli import main
@@ -54,16 +54,6 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), "rec")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def grounder(folder):
-    return Grounder.from_checkpoint(folder)
 
 
 @pytest.fixture(scope="module")

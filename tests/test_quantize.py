@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from grounding_helpers import make_model_folder, scene
+from grounding_helpers import scene
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,11 +52,6 @@ def assert_close_to_fp32(want: dict, got: dict) -> None:
         assert boxes <= BOX_TOL and logits <= LOGIT_TOL, (branch, boxes, logits)
         moved = max(moved, boxes, logits)
     assert moved > 1e-6
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("quantize"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

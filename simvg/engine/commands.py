@@ -18,12 +18,17 @@ from simvg.errors import UserError
 from simvg.utils import dist
 
 
-def train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a YAML experiment file (configs/*.yaml)")
+def run_arguments(parser: argparse.ArgumentParser, configs: str) -> None:
+    """The options of a run from a YAML file (``simvg train``, ``simvg pretrain``)."""
+    parser.add_argument("config", help=f"a YAML experiment file ({configs})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
     parser.add_argument("--output", help="output folder (overrides train.output_dir)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from last.pth")
+
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    run_arguments(parser, "configs/*.yaml")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load a model.pretrained file that needs full unpickling (trusted only)")  # fmt: skip
 

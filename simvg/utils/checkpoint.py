@@ -103,17 +103,29 @@ def write_error(path: str | Path, exc: OSError) -> WriteError:
     return error
 
 
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in ``path``'s folder (created if needed); ``WriteError`` naming ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename the finished temporary file over ``path``, with the mode an ordinary ``open()`` would give it
+    (mkstemp creates 0600; honour the umask)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fault_point: bool = False) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a crash at any
     instant leaves the previous file or the new one, never a torn file. The file gets the mode an ordinary
     ``open()`` would give it (0666 less the umask). An ``OSError`` becomes a ``WriteError`` naming ``path``.
     ``fault_point``: this write counts for ``SIMVG_FAULT_KILL_DURING_SAVE``."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise write_error(path, exc) from None
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -121,8 +133,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fault_poin
             os.fsync(f.fileno())
             if fault_point:
                 _maybe_inject_fault()
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; honour the umask like an ordinary open()
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a second error while cleaning up must not hide the first
             os.unlink(tmp)
@@ -151,11 +162,7 @@ def atomic_text_writer(path: str | Path) -> Iterator[_CheckedText]:
     ``atomic_write``); any failure of the file itself is a ``WriteError`` naming ``path``, and an error in the block
     leaves the previous ``path`` untouched."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise write_error(path, exc) from None
+    fd, tmp = _temporary_beside(path)
     f = os.fdopen(fd, "w", encoding="utf-8")
     try:
         yield _CheckedText(f, path)
@@ -163,8 +170,7 @@ def atomic_text_writer(path: str | Path) -> Iterator[_CheckedText]:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
+            _publish(tmp, path)
         except OSError as exc:
             raise write_error(path, exc) from None
     except BaseException:

@@ -1,0 +1,19 @@
+"""Fixtures shared by the inference, CLI, server, export and hardening tests (builders in grounding_helpers.py)."""
+
+from __future__ import annotations
+
+import pytest
+from grounding_helpers import make_model_folder
+
+from simvg.inference.grounder import Grounder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random REC model folder, written through ``export_folder``; one per test module."""
+    return make_model_folder(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def grounder(folder):
+    return Grounder.from_checkpoint(folder)
