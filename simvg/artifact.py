@@ -496,7 +496,6 @@ def export_folder(
     """
     read = read_weights(path, weights)
     tok = pick_tokenizer(read, tokenizer, need=True)
-    assert tok is not None
     build(read.spec, read.state, str(read.path))  # refuse to write a folder that would not load
     return save_folder(out, read.state, read.spec, tok, half=half), read
 
