@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from simvg.engine.metrics import SCORE_THRESHOLD
 from simvg.errors import UserError
 from simvg.models import SimVG, SimVGConfig
 from simvg.models.official import infer_config, is_official_state, official_to_ours
@@ -51,7 +52,6 @@ LEGACY_CONFIG_FILE = "config.yaml"  # model folders of the first releases held t
 RUN_CHECKPOINTS = ("best.pth", "last.pth")
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODELS = {"rec": ASSETS / "default", "grec": ASSETS / "default_grec"}
-SCORE_THRESHOLD = 0.7  # GREC: keep a query whose object probability reaches this (the official value)
 WEIGHT_CHOICES = ("auto", "ema", "raw")
 BRANCHES = ("token", "decoder")
 TASKS = ("rec", "grec")

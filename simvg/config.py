@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from simvg.data.datasets import DataConfig
+from simvg.engine.metrics import SCORE_THRESHOLD
 from simvg.errors import UserError
 from simvg.losses import LossConfig
 
@@ -89,7 +90,7 @@ class EvalConfig:
     batch_size: int = 64
     branch: Literal["both", "token", "decoder"] = "both"
     iou_threshold: float = 0.5  # REC Acc@IoU
-    score_threshold: float = 0.7  # GREC: keep boxes with score >= this
+    score_threshold: float = SCORE_THRESHOLD  # GREC: keep boxes with score >= this
     match_threshold: float = 0.5  # GREC: greedy matching threshold
     match_metric: Literal["giou", "iou"] = "giou"  # GREC: the official evaluator uses GIoU
     max_samples: int = 0  # evaluate only the first N expressions of each split (0: all)

@@ -8,7 +8,6 @@ from simvg.utils import box_ops as B
 def test_round_trips():
     xyxy = torch.tensor([[0.1, 0.2, 0.5, 0.9], [0.0, 0.0, 1.0, 1.0]])
     assert torch.allclose(B.box_cxcywh_to_xyxy(B.box_xyxy_to_cxcywh(xyxy)), xyxy)
-    assert torch.allclose(B.box_xywh_to_xyxy(B.box_xyxy_to_xywh(xyxy)), xyxy)
     assert torch.allclose(B.box_xyxy_to_cxcywh(xyxy)[0], torch.tensor([0.3, 0.55, 0.4, 0.7]))
 
 
@@ -37,10 +36,9 @@ def test_empty_boxes_have_zero_iou_not_nan():
     assert torch.isfinite(B.generalized_box_iou(z, z)).all()
 
 
-def test_clip_and_scale():
+def test_clip():
     boxes = torch.tensor([[-5.0, 3.0, 120.0, 50.0]])
     assert torch.equal(B.clip_boxes_xyxy(boxes, 100, 40), torch.tensor([[0.0, 3.0, 100.0, 40.0]]))
-    assert torch.equal(B.scale_boxes(torch.tensor([[0.5, 0.5, 1.0, 1.0]]), 10, 20), torch.tensor([[5.0, 10.0, 10, 20]]))
 
 
 def test_giou_hull_uses_each_boxs_own_right_and_bottom_edges():
@@ -57,13 +55,11 @@ def test_conversions_work_on_any_leading_shape():
     that unbinds or stacks along axis 1 passes every [N, 4] test)."""
     one = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert B.box_xywh_to_xyxy(one).tolist() == [1.0, 2.0, 4.0, 6.0]
-    assert B.box_xyxy_to_xywh(torch.tensor([1.0, 2.0, 4.0, 6.0])).tolist() == [1.0, 2.0, 3.0, 4.0]
     assert B.box_cxcywh_to_xyxy(one).tolist() == [-0.5, 0.0, 2.5, 4.0]
     assert B.box_xyxy_to_cxcywh(torch.tensor([-0.5, 0.0, 2.5, 4.0])).tolist() == [1.0, 2.0, 3.0, 4.0]
     batch = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
     xyxy = B.box_xywh_to_xyxy(batch)
     assert xyxy.shape == (2, 3, 4) and xyxy[1, 2].tolist() == [20.0, 21.0, 42.0, 44.0]
-    assert torch.equal(B.box_xyxy_to_xywh(xyxy), batch)
     corners = B.box_cxcywh_to_xyxy(batch)
     assert corners.shape == (2, 3, 4) and corners[1, 2].tolist() == [9.0, 9.5, 31.0, 32.5]
     assert torch.allclose(B.box_xyxy_to_cxcywh(corners), batch)

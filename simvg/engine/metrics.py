@@ -23,6 +23,8 @@ from torch import Tensor
 
 from simvg.utils.box_ops import box_iou, elementwise_box_iou, generalized_box_iou
 
+SCORE_THRESHOLD = 0.7  # GREC: a prediction counts when its object probability reaches this (the official value)
+
 
 def rec_ious(pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
     """IoU of aligned pairs: pred [N, 4] xyxy, gt [N, 4] xyxy -> [N]."""
@@ -92,7 +94,7 @@ def grec_outcome(
     pred_boxes: Tensor,
     pred_scores: Tensor,
     gt_boxes: Tensor,
-    score_threshold: float = 0.7,
+    score_threshold: float = SCORE_THRESHOLD,
     match_threshold: float = 0.5,
     match_metric: str = "giou",
 ) -> GrecOutcome:

@@ -103,19 +103,6 @@ def create_model(name_or_cfg: str | SimVGConfig, **overrides: Any) -> SimVG:
     return SimVG(model_config(name_or_cfg, **overrides))
 
 
-def model_config_to_dict(cfg: SimVGConfig) -> dict[str, Any]:
-    """Plain-type dict (ints, floats, strs, bools, nested dict) for checkpoints and YAML."""
-    return dataclasses.asdict(cfg)
-
-
-def model_config_from_dict(data: dict[str, Any]) -> SimVGConfig:
-    """Inverse of ``model_config_to_dict``; unknown keys raise ``UserError`` naming them."""
-    data = dict(data)
-    encoder = data.pop("encoder", {})
-    base = SimVGConfig(encoder=_replace(BEiT3Config(), dict(encoder), "model.encoder"))
-    return _replace(base, data, "model")
-
-
 __all__ = [
     "MODEL_PRESETS",
     "SimVG",
@@ -123,6 +110,4 @@ __all__ = [
     "create_model",
     "list_models",
     "model_config",
-    "model_config_from_dict",
-    "model_config_to_dict",
 ]

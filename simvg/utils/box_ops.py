@@ -28,12 +28,6 @@ def box_xywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack((x, y, x + w, y + h), dim=-1)
 
 
-def box_xyxy_to_xywh(boxes: Tensor) -> Tensor:
-    """[..., 4] (x1, y1, x2, y2) -> [..., 4] COCO (x, y, w, h)."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack((x1, y1, x2 - x1, y2 - y1), dim=-1)
-
-
 def box_area(boxes: Tensor) -> Tensor:
     """[N, 4] xyxy -> [N]; degenerate (inverted) boxes have area 0."""
     return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
@@ -90,11 +84,6 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     hull = wh[:, 0] * wh[:, 1]
     return inter / union.clamp(min=eps) - (hull - union) / hull.clamp(min=eps)
-
-
-def scale_boxes(boxes: Tensor, width: float, height: float) -> Tensor:
-    """Normalised [..., 4] boxes (either format) -> pixels of an image of the given size."""
-    return boxes * boxes.new_tensor([width, height, width, height])
 
 
 def clip_boxes_xyxy(boxes: Tensor, width: float, height: float) -> Tensor:
