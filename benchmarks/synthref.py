@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simvg.data.synthref import generate_synthref, make_image  # noqa: E402
-from simvg.data.synthref_scene import MAX_OBJECTS  # noqa: E402
+from simvg.synthref.generator import generate_synthref, make_image  # noqa: E402
+from simvg.synthref.scene import MAX_OBJECTS  # noqa: E402
 
 
 def per_core(task: str, n: int, size: int, out: Path) -> tuple[float, float]:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from simvg.cli import main as simvg  # noqa: E402
-from simvg.data.synthref_scene import EASY_BACKGROUND, EASY_MAX_OBJECTS  # noqa: E402
+from simvg.synthref.scene import EASY_BACKGROUND, EASY_MAX_OBJECTS  # noqa: E402
 
 # (metric, branch, split or None for every split, threshold) per task; the token branch is SimVG-TB.
 TARGETS: dict[str, list[tuple[str, str, str | None, float]]] = {

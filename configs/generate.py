@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from simvg.config import Config, DataConfig, EvalConfig, ModelSection, TrainConfig, dump_config
-from simvg.data.synthref_scene import EASY_BACKGROUND, EASY_MAX_OBJECTS, STARTER_MAX_OBJECTS
 from simvg.losses import LossConfig
+from simvg.synthref.scene import EASY_BACKGROUND, EASY_MAX_OBJECTS, STARTER_MAX_OBJECTS
 
 HERE = Path(__file__).resolve().parent
 BEIT3 = {"b32": "pretrain_weights/beit3_base_patch16_224.pth", "l32": "pretrain_weights/beit3_large_patch16_224.pth"}

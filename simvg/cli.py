@@ -20,7 +20,7 @@ _PLACE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQ
 
 # command words -> (module, function prefix, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
-    ("data", "synth"): ("simvg.data.synthref", "synth", "generate a SynthRef dataset and its tokenizer"),
+    ("data", "synth"): ("simvg.synthref.generator", "synth", "generate a SynthRef dataset and its tokenizer"),
     ("data", "convert"): ("simvg.data.convert", "convert", "convert refer/gRefCOCO/TransVG/MDETR annotations"),
     ("data", "check"): ("simvg.data.check", "check", "check a dataset folder: counts, images, boxes, texts"),
     ("tokenizer", "train"): ("simvg.data.tokenizer", "train", "train a sentencepiece model with BEiT-3's id layout"),

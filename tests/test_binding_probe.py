@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simvg.data.synthref import generate_synthref
+from simvg.synthref.generator import generate_synthref
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -654,7 +654,7 @@ def photo_like(size: int = 96) -> Image.Image:
 
 def test_synthref_only_model_warns_about_photographs_and_unknown_words(folder, grounder, tmp_path):
     """Catches confident answers with ``"warnings": []`` for a photograph and for words the vocabulary lacks."""
-    from simvg.data.synthref_scene import draw_scene
+    from simvg.synthref.scene import draw_scene
 
     assert grounder.spec.synthetic_only
     photo = grounder.ground(photo_like(), "the red circle")

@@ -11,14 +11,14 @@ import torch
 import yaml
 
 from simvg.cli import main
-from simvg.data.synthref_captions import CAPTION_WORDS, NO_OBJECT, coverage, describe, location_words
-from simvg.data.synthref_scene import SceneObject, draw_scene, mask_bbox, render_mask
 from simvg.data.tokenizer import BEiT3Tokenizer, train_tokenizer
 from simvg.errors import UserError
 from simvg.models.beit3 import BEiT3, beit3_config, load_beit3_pretrained
 from simvg.pretrain.config import CaptionData, load_pretrain_config
 from simvg.pretrain.data import IGNORE, CaptionScenes, StepBatches
 from simvg.pretrain.objectives import pretrain_losses
+from simvg.synthref.captions import CAPTION_WORDS, NO_OBJECT, coverage, describe, location_words
+from simvg.synthref.scene import SceneObject, draw_scene, mask_bbox, render_mask
 from simvg.utils.checkpoint import load_checkpoint
 
 

@@ -30,10 +30,10 @@ from torch.utils.data import SequentialSampler
 
 from simvg.artifact import DEFAULT_MODELS, Artifact, load_artifact
 from simvg.data.datasets import DataConfig, build_dataset, build_tokenizer
-from simvg.data.synthref import generate_synthref
 from simvg.engine.evaluate import evaluate, summarize
 from simvg.engine.train import make_loader
 from simvg.inference.grounder import Grounder
+from simvg.synthref.generator import generate_synthref
 from simvg.utils.box_ops import box_iou
 
 SEED = 20261  # training used seeds 0, 1 and 2; benchmarks/targets.py uses 1234

@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from simvg.cli import main
-from simvg.data.synthref import DEFAULT_SPLITS, encode_png, generate_synthref, split_plan
-from simvg.data.synthref_lang import Facts, enumerate_programs, resolve
-from simvg.data.synthref_scene import (
+from simvg.data.tokenizer import BEiT3Tokenizer, clean_expression
+from simvg.errors import UserError
+from simvg.synthref.generator import DEFAULT_SPLITS, encode_png, generate_synthref, split_plan
+from simvg.synthref.lang import Facts, enumerate_programs, resolve
+from simvg.synthref.scene import (
     COLOURS,
     MAX_HIDDEN,
     SIZES,
@@ -22,9 +24,7 @@ from simvg.data.synthref_scene import (
     render_background,
     render_mask,
 )
-from simvg.data.synthref_text import parse, render, vocabulary
-from simvg.data.tokenizer import BEiT3Tokenizer, clean_expression
-from simvg.errors import UserError
+from simvg.synthref.text import parse, render, vocabulary
 
 SPATIAL_KINDS = {"position", "ordinal", "relation"}
 

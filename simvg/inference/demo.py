@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from simvg.data.synthref_scene import EASY_BACKGROUND, EASY_MAX_OBJECTS
 from simvg.errors import UserError
+from simvg.synthref.scene import EASY_BACKGROUND, EASY_MAX_OBJECTS
 from simvg.utils.box_ops import box_xywh_to_xyxy
 
 DISPLAY_SIDE = 384  # small SynthRef images are enlarged (nearest neighbour) so that labels stay readable
@@ -165,8 +165,8 @@ vertical-align:top}} img{{width:100%}} .wrong figcaption{{color:#b00020}} .corre
 
 def demo_command(args: argparse.Namespace) -> int:
     from simvg.artifact import DEFAULT_MODELS, WEIGHTS_FILE
-    from simvg.data.synthref import generate_synthref
     from simvg.inference.grounder import Grounder
+    from simvg.synthref.generator import generate_synthref
 
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")

@@ -31,7 +31,7 @@ _SIDE = 128
 
 def unlike_synthref(image: Image.Image) -> float:
     """Share (0-1) of the pixels of ``image`` whose colour no SynthRef scene has (see the module docstring)."""
-    from simvg.data.synthref_scene import COLOURS
+    from simvg.synthref.scene import COLOURS
 
     small = image.convert("RGB")
     small.thumbnail((_SIDE, _SIDE), Image.Resampling.BOX)

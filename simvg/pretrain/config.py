@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from simvg.config import ModelSection, apply_overrides, from_dict, model_settings, read_yaml
-from simvg.data.synthref_scene import BACKGROUNDS, MAX_OBJECTS, MIN_OBJECTS
 from simvg.errors import UserError
 from simvg.models.beit3 import BEiT3Config
+from simvg.synthref.scene import BACKGROUNDS, MAX_OBJECTS, MIN_OBJECTS
 
 
 @dataclass
@@ -33,7 +33,7 @@ class EncoderSection:
 @dataclass
 class CaptionData:
     """SynthRef scenes drawn on the fly (sample ``i`` of a stream is a pure function of (seed, stream, i)), each
-    described by a caption whose words are linked to objects (``simvg.data.synthref_captions``)."""
+    described by a caption whose words are linked to objects (``simvg.synthref.captions``)."""
 
     tokenizer: str = "data/synthref_rec_starter/tokenizer.spm"  # the fine-tuning runs' word ids
     max_objects: int = 4

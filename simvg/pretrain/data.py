@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from simvg.data.synthref_captions import NO_OBJECT, coverage, describe
-from simvg.data.synthref_scene import MAX_OBJECTS, draw_scene
 from simvg.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BEiT3Tokenizer
 from simvg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from simvg.errors import UserError
 from simvg.pretrain.config import CaptionData
+from simvg.synthref.captions import NO_OBJECT, coverage, describe
+from simvg.synthref.scene import MAX_OBJECTS, draw_scene
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 IGNORE = -100  # label of a token that is not predicted (torch's cross_entropy ignore_index)

@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simvg.config import dump_config, to_dict
-from simvg.data.synthref_captions import CAPTION_WORDS
 from simvg.data.tokenizer import BEiT3Tokenizer
 from simvg.engine.evaluate import autocast
 from simvg.engine.optim import MultiStepLRWarmUp
@@ -29,6 +28,7 @@ from simvg.models.beit3 import load_beit3_pretrained
 from simvg.pretrain.config import PretrainConfig
 from simvg.pretrain.data import TRAIN_STREAM, VAL_STREAM, CaptionScenes, StepBatches, check_tokenizer, collate
 from simvg.pretrain.objectives import PretrainModel, pretrain_losses
+from simvg.synthref.captions import CAPTION_WORDS
 from simvg.utils import dist
 from simvg.utils.checkpoint import (
     atomic_torch_save,

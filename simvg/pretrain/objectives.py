@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from simvg.data.synthref_captions import NO_OBJECT
 from simvg.models.beit3 import BEiT3, BEiT3Config
 from simvg.pretrain.data import IGNORE
+from simvg.synthref.captions import NO_OBJECT
 
 OWNED = 0.5  # a patch belongs to an object for patch -> token alignment when the object covers half of it
 

@@ -3,7 +3,7 @@
 ``simvg data synth --out DIR --task rec|grec --num-images N --image-size S --seed K`` (or ``generate_synthref``)
 writes, in SeqTR/SimVG's ``instances.json`` layout:
 
-- ``DIR/images/<image_id>.png``: 2-8 shapes on a textured background (synthref_scene);
+- ``DIR/images/<image_id>.png``: 2-8 shapes on a textured background (``scene``);
 - ``DIR/instances.json``: {split: [entry]}; boxes are [x, y, w, h] pixels, tight around each shape's drawn mask;
 - ``DIR/scenes.json``: every image's objects (shape, colour, size, centre, extent, box, visible pixels);
 - ``DIR/meta.json``: task, seed, image size, split fractions and counts, word tables;
@@ -15,7 +15,7 @@ relations). REC: a train entry per object with up to 4 expressions, a val/test e
 train entry per image with all its expressions, a val/test entry per expression; about 60% single-target, 29%
 multi-target and 11% no-target expressions (gRefCOCO: 28.8% and 11.6%, docs/design.md P4.2).
 
-Every expression is resolved on its scene (synthref_lang) and kept only if it picks its targets with a clear margin.
+Every expression is resolved on its scene (``lang``) and kept only if it picks its targets with a clear margin.
 Each image draws from its own generator seeded by (seed, image index), so the output does not depend on the number
 of worker processes, and files are written byte-for-byte reproducibly (own PNG writer, sorted JSON).
 """
@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from simvg.data.synthref_lang import (
+from simvg.errors import UserError
+from simvg.synthref.lang import (
     MARGIN,
     Candidates,
     Facts,
@@ -46,7 +47,7 @@ from simvg.data.synthref_lang import (
     family_of,
     kind_of,
 )
-from simvg.data.synthref_scene import (
+from simvg.synthref.scene import (
     BACKGROUNDS,
     COLOURS,
     MAX_HIDDEN,
@@ -57,8 +58,7 @@ from simvg.data.synthref_scene import (
     SceneObject,
     draw_scene,
 )
-from simvg.data.synthref_text import render, vocabulary
-from simvg.errors import UserError
+from simvg.synthref.text import render, vocabulary
 
 DEFAULT_SPLITS = {"train": 0.80, "val": 0.0667, "testA": 0.0667, "testB": 0.0666}
 SPLIT_FAMILIES = {"testA": ("attribute",), "testB": ("spatial",)}  # other splits take both families
@@ -364,7 +364,7 @@ def generate_synthref(
 
 def _meta(task: str, seed: int, image_size: int, num_images: int, splits: dict, counts: dict) -> dict:
     return {
-        "generator": f"simvg.data.synthref v{GENERATOR_VERSION}",
+        "generator": f"simvg.synthref.generator v{GENERATOR_VERSION}",
         "task": task,
         "seed": seed,
         "image_size": image_size,

@@ -3,7 +3,7 @@
 An expression is first built as a small ``Program``: an attribute ``Filter`` (shape, colour, size), then an
 optional selection among the objects that pass it -- a size superlative ("the biggest"), an extreme position ("the
 leftmost", "at the top right"), an ordinal ("the second from the top") or a spatial relation to an anchor object that
-an attribute filter alone singles out ("left of the green star"). Only then is it worded (``synthref_text``).
+an attribute filter alone singles out ("left of the green star"). Only then is it worded (``simvg.synthref.text``).
 
 ``resolve`` evaluates a program with three-valued comparisons: two positions closer than ``MARGIN`` times the image
 side are "unsure", and a program whose outcome hangs on an unsure comparison resolves to ``None`` and is discarded.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from simvg.data.synthref_scene import COLOURS, SHAPES, SIZES, SceneObject
+from simvg.synthref.scene import COLOURS, SHAPES, SIZES, SceneObject
 
 MARGIN = 0.06  # share of the image side below which two positions or distances count as "about equal"
 NEAR_LIMIT = 0.4  # "next to" needs the nearest candidate within this share of the side

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simvg.data.synthref_scene import COLOURS, SHAPES, SIZES, SceneObject, render_mask
+from simvg.synthref.scene import COLOURS, SHAPES, SIZES, SceneObject, render_mask
 
 NO_OBJECT = -1
 # Where an object's centre lies, in thirds of the image: (column, row) -> location phrase.

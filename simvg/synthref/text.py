@@ -1,13 +1,13 @@
 """SynthRef wording: programs -> English referring expressions with synonyms and varied word order, and back.
 
-``render`` words a ``Program`` (synthref_lang) at random: "the small red circle", "the circle that is small and
+``render`` words a ``Program`` (``lang``) at random: "the small red circle", "the circle that is small and
 red", "the leftmost triangle", "the box on the far left", "the second disk from the top", "the square to the left of
 the green star", "both blue shapes", ... Expressions come out already in the form SimVG's cleaning produces
 (lower-case, no punctuation), so cleaning leaves them unchanged.
 
 ``parse`` is the inverse: it reads an expression with the same word tables and rebuilds its program. It is strict
 (an unknown word raises), so a wording bug cannot pass silently; tests re-resolve every written expression from its
-text alone through ``parse`` and ``synthref_lang.resolve``.
+text alone through ``parse`` and ``lang.resolve``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from simvg.data.synthref_lang import Filter, Program
+from simvg.synthref.lang import Filter, Program
 
 SHAPE_WORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "circle": (("circle", "disk", "disc"), ("circles", "disks", "discs")),
