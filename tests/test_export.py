@@ -56,9 +56,9 @@ def test_onnx_matches_pytorch_on_a_new_batch_size(exported, folder, branch):
 
 
 def _pre(grounder, image):
-    from simvg.inference.loading import preprocess_image
+    from simvg.data.transforms import preprocess
 
-    return preprocess_image(image, grounder.spec.preprocess)[0]
+    return preprocess(image, grounder.spec.preprocess)[0]
 
 
 def test_token_graph_has_no_decoder(exported):

@@ -8,7 +8,6 @@ REC Acc@0.5 per branch, or GREC Pr@(F1=1, IoU>=0.5), N-acc and T-acc per branch.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,16 +18,10 @@ from simvg.artifact import SCORE_THRESHOLD, postprocess
 from simvg.data.collate import Batch, boxes_to_original
 from simvg.engine.metrics import GrecOutcome, grec_outcome, grec_summary, rec_accuracy, rec_hits, rec_ious
 from simvg.utils import dist
+from simvg.utils.amp import autocast
 
 TASKS = ("rec", "grec")
 PRIMARY_METRIC = {"rec": "acc", "grec": "pr_f1"}
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA; a no-op on CPU or with ``amp="none"`` (nanoGPT's ``ctx``)."""
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _r(values: Tensor) -> list:

@@ -49,12 +49,13 @@ from simvg.data.datasets import (
     tokenizer_path,
 )
 from simvg.engine.ema import ModelEma
-from simvg.engine.evaluate import autocast, evaluate
+from simvg.engine.evaluate import evaluate
 from simvg.engine.optim import MultiStepLRWarmUp, build_optimizer
 from simvg.errors import UserError
 from simvg.losses import SimVGLoss
 from simvg.models import SimVG
 from simvg.utils import dist
+from simvg.utils.amp import autocast
 from simvg.utils.checkpoint import (
     atomic_write,
     atomic_write_bytes,

@@ -23,6 +23,7 @@ from PIL import Image
 
 from simvg import artifact
 from simvg.data.collate import boxes_to_original
+from simvg.data.transforms import preprocess
 from simvg.errors import UserError
 from simvg.inference import loading, provenance
 
@@ -202,7 +203,7 @@ class Grounder:
             return []
         clean = [check_text(t, self.max_text_chars) for t in texts]
         pils = [self.open_image(img) for img in images]
-        tensors, metas = zip(*(loading.preprocess_image(p, self.spec.preprocess) for p in pils))
+        tensors, metas = zip(*(preprocess(p, self.spec.preprocess) for p in pils))
         ids, pad_mask, infos = loading.tokenize(self.tokenizer, clean)
         logits, boxes = self.runner(torch.stack(tensors), ids, pad_mask, branch)
         detections = artifact.postprocess(logits, boxes, self.score_threshold)

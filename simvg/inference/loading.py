@@ -99,13 +99,6 @@ def open_rgb(image: str | Path | bytes | Image.Image, max_pixels: int) -> Image.
     return to_rgb(ImageOps.exif_transpose(image))
 
 
-def preprocess_image(image: Image.Image, data_cfg: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """RGB image -> (tensor [3, S, S], meta with size / orig_size / input_to_orig), exactly as at test time."""
-    from simvg.data.transforms import preprocess
-
-    return preprocess(image, data_cfg)
-
-
 def tokenize(tokenizer: Any, texts: list[str]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
     """ids [B, L], pad mask [B, L] and per text {num_tokens, truncated, warnings}; tokenizer errors are UserErrors."""
     from simvg.data.tokenizer import UNK_ID

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from simvg.config import dump_config, to_dict
 from simvg.data.tokenizer import BEiT3Tokenizer
-from simvg.engine.evaluate import autocast
 from simvg.engine.optim import MultiStepLRWarmUp
 from simvg.engine.train import check_output_dir, config_changes, seed_everything
 from simvg.errors import UserError
@@ -30,6 +29,7 @@ from simvg.pretrain.data import TRAIN_STREAM, VAL_STREAM, CaptionScenes, StepBat
 from simvg.pretrain.objectives import PretrainModel, pretrain_losses
 from simvg.synthref.captions import CAPTION_WORDS
 from simvg.utils import dist
+from simvg.utils.amp import autocast
 from simvg.utils.checkpoint import (
     atomic_torch_save,
     atomic_write_bytes,
