@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from simvg.errors import UserError
 from simvg.inference.commands import load_grounder, model_arguments
+from simvg.inference.grounder import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -63,7 +64,7 @@ class ServeLimits:
     """Everything a client can make the server spend, bounded."""
 
     max_upload_bytes: int = 10 * 2**20  # whole request body
-    max_pixels: int = 40_000_000  # decoded image (pixel bombs)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded image (pixel bombs), the Grounder's own default
     max_text_chars: int = 1000
     queue_size: int = 8  # requests waiting or running at once; one more is a 503
     timeout_s: float = 60.0  # per request, queueing included; over it is a 504
