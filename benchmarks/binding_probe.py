@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from simvg.data.datasets import DataConfig  # noqa: E402
+from simvg.config import DataConfig, LossConfig  # noqa: E402
 from simvg.data.image_io import load_image  # noqa: E402
 from simvg.data.tokenizer import BEiT3Tokenizer  # noqa: E402
 from simvg.data.transforms import Sample, build_test_transform  # noqa: E402
-from simvg.losses import LossConfig, SimVGLoss  # noqa: E402
+from simvg.losses import SimVGLoss  # noqa: E402
 from simvg.models import create_model  # noqa: E402
 from simvg.utils.box_ops import box_cxcywh_to_xyxy, box_iou  # noqa: E402
 

@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simvg.data.datasets import DataConfig, build_dataset, build_loader, set_epoch  # noqa: E402
+from simvg.config import DataConfig  # noqa: E402
+from simvg.data.datasets import build_dataset, build_loader, set_epoch  # noqa: E402
 
 WORDS = "the left right red blue small big man woman dog cat car near behind front second person chair".split()
 

@@ -15,8 +15,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from simvg.config import Config, DataConfig, EvalConfig, ModelSection, TrainConfig, dump_config
-from simvg.losses import LossConfig
+from simvg.config import Config, DataConfig, EvalConfig, LossConfig, ModelSection, TrainConfig, dump_config
 from simvg.synthref.scene import EASY_BACKGROUND, EASY_MAX_OBJECTS, STARTER_MAX_OBJECTS
 
 HERE = Path(__file__).resolve().parent

@@ -19,10 +19,71 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from simvg.data.datasets import DataConfig
+from simvg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES
 from simvg.engine.metrics import SCORE_THRESHOLD
 from simvg.errors import UserError
-from simvg.losses import LossConfig
+
+
+@dataclass
+class DataConfig:
+    """What to read and how to transform it. The batch size belongs to the engine.
+
+    ``ann_file`` and ``img_dir`` override the spec's paths (relative to ``root`` unless absolute); ``tokenizer``
+    is a ``.spm`` path (empty: ``root/tokenizer.spm``, where SynthRef writes it). ``data_sources`` filters the
+    train split by ``data_source`` (empty: the spec's default; ``vg`` and ``visual-genome`` are the same).
+    """
+
+    dataset: str = "synthref"
+    root: str = "data"
+    ann_file: str = ""
+    img_dir: str = ""
+    image_size: int = 640
+    resize_mode: str = "stretch"  # "stretch" | "letterbox" (pad bottom/right) | "letterbox_center"
+    lsj: bool = True
+    jitter_min: float = 0.3
+    jitter_max: float = 1.4
+    flip_prob: float = 0.0
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    max_tokens: int = 20
+    tokenizer: str = ""
+    train_split: str = "train"
+    val_splits: list[str] = field(default_factory=lambda: ["val"])  # validated during training (best.pth)
+    test_splits: list[str] = field(default_factory=list)  # never during training; simvg eval --split all adds them
+    data_sources: list[str] = field(default_factory=list)
+    train_kinds: list[str] = field(default_factory=list)
+    skip_bad: bool = False
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise UserError(f"data.resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        if not 0 < self.jitter_min <= self.jitter_max:
+            raise UserError(f"data.jitter_min/jitter_max {self.jitter_min}/{self.jitter_max} must be 0 < min <= max")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError("data.mean and data.std must hold 3 values each, std > 0")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights. A branch weight of 0 switches its term off; ``token = distill = 0`` trains the decoder only.
+
+    ``distill_mode``: "dynamic" (DWBD, w from the teacher), "fixed" (w = ``fixed_weight``), or "none" (token
+    branch on ground truth only: w = 0 and no distillation term).
+    """
+
+    weight_class: float = 1.0
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+    eos_coef: float = 0.1
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    decoder: float = 1.0
+    token: float = 2.0
+    distill: float = 1.0
+    distill_mode: str = "dynamic"
+    fixed_weight: float = 0.5
 
 
 @dataclass

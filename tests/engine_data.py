@@ -14,9 +14,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from simvg.config import Config, DataConfig, EvalConfig, ModelSection, TrainConfig, dump_config
+from simvg.config import Config, DataConfig, EvalConfig, LossConfig, ModelSection, TrainConfig, dump_config
 from simvg.data.tokenizer import BEiT3Tokenizer, train_tokenizer
-from simvg.losses import LossConfig
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SIZE = 64

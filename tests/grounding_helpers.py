@@ -18,8 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from simvg.artifact import export_folder
-from simvg.config import Config, ModelSection, to_dict
-from simvg.data.datasets import DataConfig
+from simvg.config import Config, DataConfig, ModelSection, to_dict
 from simvg.data.tokenizer import BEiT3Tokenizer, train_tokenizer
 from simvg.models import create_model
 from simvg.utils.checkpoint import save_checkpoint

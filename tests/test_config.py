@@ -162,9 +162,7 @@ def test_every_config_field_is_read_by_the_code():
     (or on a reader deleted), e.g. the old ``test_splits`` appeared on its definition line only."""
     import re
 
-    from simvg.config import EvalConfig, TrainConfig
-    from simvg.data.datasets import DataConfig
-    from simvg.losses import LossConfig
+    from simvg.config import DataConfig, EvalConfig, LossConfig, TrainConfig
 
     package = CONFIGS.parent / "simvg"
     lines = [line for path in sorted(package.rglob("*.py")) for line in path.read_text().splitlines()]

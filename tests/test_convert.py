@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from simvg.cli import main
+from simvg.config import DataConfig
 from simvg.data.convert import convert_grefcoco, convert_mdetr, convert_refer, convert_transvg, summarize
-from simvg.data.datasets import DataConfig, build_dataset
+from simvg.data.datasets import build_dataset
 from simvg.data.safe_pickle import fix_latin1, safe_load
 from simvg.errors import UserError
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from simvg.config import DataConfig
 from simvg.data.collate import Batch, boxes_to_original
 from simvg.data.datasets import (
-    DataConfig,
     EpochShuffleSampler,
     ShardSampler,
     build_dataset,

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from simvg.losses import HungarianMatcher, LossConfig, SimVGLoss, teacher_targets
+from simvg.config import LossConfig
+from simvg.losses import HungarianMatcher, SimVGLoss, teacher_targets
 from simvg.models import create_model
 
 GT = [0.6, 0.5, 0.2, 0.2]  # cxcywh; against (0.5, 0.5, 0.2, 0.2): L1 = 0.1, IoU = GIoU = 1/3

@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import SequentialSampler
 
 from simvg.artifact import DEFAULT_MODELS, Artifact, load_artifact
-from simvg.data.datasets import DataConfig, build_dataset, build_tokenizer
+from simvg.config import DataConfig
+from simvg.data.datasets import build_dataset, build_tokenizer
 from simvg.engine.evaluate import evaluate, summarize
 from simvg.engine.train import make_loader
 from simvg.inference.grounder import Grounder

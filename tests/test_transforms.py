@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from simvg.config import DataConfig
 from simvg.data.collate import boxes_to_original
-from simvg.data.datasets import DataConfig
 from simvg.data.transforms import (
     LargeScaleJitter,
     RandomHorizontalFlip,

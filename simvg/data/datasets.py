@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from simvg.config import DataConfig
 from simvg.data.collate import collate
 from simvg.data.formats import (
     BadEntry,
@@ -39,9 +40,6 @@ from simvg.data.formats import (
 )
 from simvg.data.image_io import load_image
 from simvg.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RESIZE_MODES,
     Pipeline,
     Sample,
     build_test_transform,
@@ -50,46 +48,6 @@ from simvg.data.transforms import (
 from simvg.errors import UserError
 
 MAX_REPLACEMENTS = 20  # bad images in a row before giving up (a broken image folder, not a few bad files)
-
-
-@dataclass
-class DataConfig:
-    """What to read and how to transform it. The batch size belongs to the engine.
-
-    ``ann_file`` and ``img_dir`` override the spec's paths (relative to ``root`` unless absolute); ``tokenizer``
-    is a ``.spm`` path (empty: ``root/tokenizer.spm``, where SynthRef writes it). ``data_sources`` filters the
-    train split by ``data_source`` (empty: the spec's default; ``vg`` and ``visual-genome`` are the same).
-    """
-
-    dataset: str = "synthref"
-    root: str = "data"
-    ann_file: str = ""
-    img_dir: str = ""
-    image_size: int = 640
-    resize_mode: str = "stretch"  # "stretch" | "letterbox" (pad bottom/right) | "letterbox_center"
-    lsj: bool = True
-    jitter_min: float = 0.3
-    jitter_max: float = 1.4
-    flip_prob: float = 0.0
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    max_tokens: int = 20
-    tokenizer: str = ""
-    train_split: str = "train"
-    val_splits: list[str] = field(default_factory=lambda: ["val"])  # validated during training (best.pth)
-    test_splits: list[str] = field(default_factory=list)  # never during training; simvg eval --split all adds them
-    data_sources: list[str] = field(default_factory=list)
-    train_kinds: list[str] = field(default_factory=list)
-    skip_bad: bool = False
-    num_workers: int = 2
-
-    def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise UserError(f"data.resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
-        if not 0 < self.jitter_min <= self.jitter_max:
-            raise UserError(f"data.jitter_min/jitter_max {self.jitter_min}/{self.jitter_max} must be 0 < min <= max")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise UserError("data.mean and data.std must hold 3 values each, std > 0")
 
 
 class Tokenizer(Protocol):

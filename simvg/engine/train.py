@@ -37,10 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from simvg.artifact import read_weights
-from simvg.config import Config, dump_config, model_settings, to_dict
+from simvg.config import Config, DataConfig, dump_config, model_settings, to_dict
 from simvg.data.collate import collate
 from simvg.data.datasets import (
-    DataConfig,
     ShardSampler,
     build_dataset,
     build_tokenizer,

@@ -13,40 +13,18 @@ official code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from simvg.config import LossConfig
 from simvg.losses.criterion import SetCriterion
 from simvg.losses.matcher import HungarianMatcher
 from simvg.utils.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou
 
 DISTILL_MODES = ("dynamic", "fixed", "none")
 LOSS_KEYS = ("loss_dgt", "loss_tgt", "loss_kd", "distill_w", "loss")
-
-
-@dataclass
-class LossConfig:
-    """Loss weights. A branch weight of 0 switches its term off; ``token = distill = 0`` trains the decoder only.
-
-    ``distill_mode``: "dynamic" (DWBD, w from the teacher), "fixed" (w = ``fixed_weight``), or "none" (token
-    branch on ground truth only: w = 0 and no distillation term).
-    """
-
-    weight_class: float = 1.0
-    weight_bbox: float = 5.0
-    weight_giou: float = 2.0
-    eos_coef: float = 0.1
-    cost_class: float = 1.0
-    cost_bbox: float = 5.0
-    cost_giou: float = 2.0
-    decoder: float = 1.0
-    token: float = 2.0
-    distill: float = 1.0
-    distill_mode: str = "dynamic"
-    fixed_weight: float = 0.5
 
 
 def teacher_targets(
