@@ -41,6 +41,7 @@ class CaptionScenes(Dataset):
         refer_first: bool = False,
     ) -> None:  # fmt: skip
         self.cfg, self.tokenizer, self.size, self.patch, self.stream = cfg, tokenizer, image_size, patch, stream
+        self._pieces: dict[str, list[int]] = {}
         self.refer_first = refer_first  # the first phrase singles its object out (the object-token objective)
         self.mask_id = tokenizer.vocab_size - 1  # BEiT-3's <mask>, the last id
 
@@ -48,7 +49,11 @@ class CaptionScenes(Dataset):
         return 2**62
 
     def word_ids(self, words: tuple[str, ...] | list[str]) -> list[list[int]]:
-        return [self.tokenizer.piece_ids(w) for w in words]
+        """Pieces of each word; cached, since captions draw on a few dozen words and ``fits`` asks per phrase."""
+        for w in words:
+            if w not in self._pieces:
+                self._pieces[w] = self.tokenizer.piece_ids(w)
+        return [self._pieces[w] for w in words]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample: ``image`` [3, S, S], ``ids`` / ``labels`` / ``links`` [L] long (``links`` = object of each
