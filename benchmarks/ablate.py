@@ -46,8 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from simvg.data.loaders import batches_per_epoch  # noqa: E402
+
 BRANCHES = ("decoder", "token")
 DECODER_ONLY = ["loss.token=0", "loss.distill=0"]
 VARIANTS: dict[str, list[str]] = {
@@ -100,7 +105,7 @@ def schedule_overrides(steps: int) -> list[str]:
 def validation_overrides(train_entries: int, batch_size: int, every_steps: int) -> list[str]:
     """Validate about every ``every_steps`` optimisation steps whatever the train split's size: the engine counts
     validation in epochs, and an epoch of a 10 % subset is ten times shorter than the full set's."""
-    steps_per_epoch = max(1, math.ceil(train_entries / batch_size))
+    steps_per_epoch = max(1, batches_per_epoch(train_entries, batch_size))  # one process, as the runs here
     return [f"train.eval_every_epochs={max(1, round(every_steps / steps_per_epoch))}"]
 
 
@@ -372,9 +377,8 @@ def mean_curve(rows: list[dict[str, Any]], branch: str) -> tuple[list[int], list
 
 
 def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     top = max(r["fraction"] for r in results)
     for i, variant in enumerate(v for v in CURVE_VARIANTS if any(r["variant"] == v for r in results)):
         rows = [r for r in results if r["variant"] == variant and r["fraction"] == top]
@@ -386,23 +390,19 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
     _save_figure(fig, ax, path)
 
 
-def _save_figure(fig: Any, ax: Any, path: Path) -> None:
-    """Grid, legend (when anything was drawn), tight layout, PNG."""
-    import matplotlib.pyplot as plt
-
+def _save_figure(fig: Figure, ax: Any, path: Path) -> None:
+    """Grid, legend (when anything was drawn), tight layout, PNG (a bare Figure: no pyplot, no GUI backend)."""
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_fractions(results: list[dict[str, Any]], splits: list[str], path: Path) -> None:
     """Test accuracy (mean over the test splits and seeds) versus training fraction, TB solid, DB dashed."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for i, variant in enumerate(dict.fromkeys(r["variant"] for r in results)):
         for branch, style in (("token", "-"), ("decoder", "--")):
             points = []
@@ -418,9 +418,6 @@ def plot_fractions(results: list[dict[str, Any]], splits: list[str], path: Path)
 
 
 def write_report(results: list[dict[str, Any]], splits: list[str], report: Path, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     report.mkdir(parents=True, exist_ok=True)
     (report / "ablation.md").write_text(markdown(results, splits, command))
     plot_curves(results, report / "ablation_curves.png")

@@ -5,9 +5,9 @@ Usage: python benchmarks/data.py [--images 48] [--batch 8] [--epochs 2] [--model
 
 Images are generated on the fly: 640x480 JPEG (quality 90) with random noise and rectangles, so decode cost is
 realistic. Each loader configuration runs one warm-up epoch (forks the workers, fills the page cache) and then
-``--epochs`` timed epochs. The model number is one training step (forward of both branches, SimVGLoss when
-available, else a sum of the outputs, and backward) at batch ``--model-batch`` with random weights; skipped with
-a note when ``simvg.create_model`` is not importable.
+``--epochs`` timed epochs. The loaders are the training run's (``simvg.data.loaders``: the resumable epoch order,
+``make_loader``). The model number is one training step (forward of both branches, SimVGLoss and backward) at batch
+``--model-batch`` with random weights.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simvg.config import DataConfig  # noqa: E402
-from simvg.data.datasets import build_dataset, build_loader, set_epoch  # noqa: E402
+from simvg.data.datasets import GroundingDataset, build_dataset  # noqa: E402
+from simvg.data.loaders import ResumableSampler, make_loader  # noqa: E402
+from simvg.data.tokenizer import BEiT3Tokenizer, train_tokenizer  # noqa: E402
+from simvg.losses import SimVGLoss  # noqa: E402
+from simvg.models import create_model  # noqa: E402
 
 WORDS = "the left right red blue small big man woman dog cat car near behind front second person chair".split()
 
@@ -48,40 +52,28 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> None:
     (root / "instances.json").write_text(json.dumps({"train": entries}))
 
 
-def make_tokenizer(root: Path):
-    """H2's BEiT3Tokenizer trained on a tiny corpus, or a stand-in with the same ``encode_one`` signature."""
-    try:
-        from simvg.data.tokenizer import BEiT3Tokenizer, train_tokenizer
-
-        train_tokenizer([" ".join(WORDS)] * 20 + WORDS, root / "tok.spm", vocab_size=64)
-        return BEiT3Tokenizer(root / "tok.spm", max_len=20), "BEiT3Tokenizer"
-    except ImportError:
-
-        class StandIn:
-            def encode_one(self, text: str):
-                return torch.zeros(20, dtype=torch.long), torch.zeros(20, dtype=torch.bool)
-
-        return StandIn(), "stand-in tokenizer"
+def make_tokenizer(root: Path) -> BEiT3Tokenizer:
+    """A BEiT3Tokenizer trained on a tiny corpus."""
+    train_tokenizer([" ".join(WORDS)] * 20 + WORDS, root / "tok.spm", vocab_size=64)
+    return BEiT3Tokenizer(root / "tok.spm", max_len=20)
 
 
-def loader_rate(dataset, batch: int, workers: int, epochs: int) -> float:
+def loader_rate(dataset: GroundingDataset, batch: int, workers: int, epochs: int) -> float:
     """Samples per second over ``epochs`` timed epochs after one warm-up epoch."""
-    loader = build_loader(dataset, batch, train=True, seed=0, num_workers=workers)
+    sampler = ResumableSampler(len(dataset), batch, seed=0)
+    loader = make_loader(dataset, batch, sampler, workers)
     for epoch in range(epochs + 1):
         if epoch == 1:
             start = time.perf_counter()
-        set_epoch(loader, epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         for _ in loader:
             pass
     return epochs * len(dataset) / (time.perf_counter() - start)
 
 
-def model_rate(name: str, batch: int, repeats: int = 2) -> tuple[float | None, str]:
+def model_rate(name: str, batch: int, repeats: int = 2) -> float:
     """Training-step samples/s of model ``name`` at batch ``batch`` (random weights, fp32, CPU)."""
-    try:
-        from simvg import create_model
-    except ImportError as exc:
-        return None, f"skipped: simvg.create_model not available ({exc})"
     model = create_model(name).train()
     size = model.cfg.encoder.img_size
     images = torch.randn(batch, 3, size, size)
@@ -89,28 +81,17 @@ def model_rate(name: str, batch: int, repeats: int = 2) -> tuple[float | None, s
     pad = torch.zeros(batch, 20, dtype=torch.bool)
     pad[:, 12:] = True
     targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]]), "labels": torch.zeros(1, dtype=torch.long)}] * batch
-    loss_fn, how = _loss()
+    loss_fn = SimVGLoss()
 
     def step() -> None:
-        out = model(images, ids, pad)
-        loss = loss_fn(out, targets)["loss"] if loss_fn else sum(v["pred_boxes"].sum() for v in out.values() if v)
-        loss.backward()
+        loss_fn(model(images, ids, pad), targets)["loss"].backward()
         model.zero_grad(set_to_none=True)
 
     step()
     start = time.perf_counter()
     for _ in range(repeats):
         step()
-    return repeats * batch / (time.perf_counter() - start), how
-
-
-def _loss():
-    try:
-        from simvg.losses.distill import SimVGLoss
-
-        return SimVGLoss(), "forward + SimVGLoss + backward"
-    except ImportError:
-        return None, "forward + sum(outputs) + backward"
+    return repeats * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -125,20 +106,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_dataset(root, args.images)
-        tok, tok_name = make_tokenizer(root)
         cfg = DataConfig(dataset="custom", root=str(root), image_size=640, lsj=True)
-        dataset = build_dataset(cfg, "train", True, tok)
-        print(f"{args.images} images 640x480 JPEG, train pipeline (LSJ + stretch 640 + normalise), {tok_name}")
+        dataset = build_dataset(cfg, "train", True, make_tokenizer(root))
+        print(f"{args.images} images 640x480 JPEG, train pipeline (LSJ + stretch 640 + normalise), BEiT3Tokenizer")
         threads = torch.get_num_threads()
         print(f"batch {args.batch}, {args.epochs} timed epochs after 1 warm-up; torch threads {threads}")
         rates = {}
         for w in (int(v) for v in args.workers.split(",")):
             rates[w] = loader_rate(dataset, args.batch, w, args.epochs)
             print(f"loader num_workers={w}: {rates[w]:.1f} samples/s ({rates[w] / rates[min(rates)]:.2f}x workers=0)")
-    rate, how = model_rate(args.model, args.model_batch)
-    if rate is None:
-        print(f"model: {how}")
-        return
+    rate = model_rate(args.model, args.model_batch)
+    how = "forward + SimVGLoss + backward"
     print(f"model {args.model} training step at batch {args.model_batch} ({how}): {rate:.2f} samples/s")
     for w, r in rates.items():
         print(f"loader workers={w} / model: {r / rate:.1f}x")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from simvg.config import Config, DataConfig, EvalConfig, LossConfig, ModelSection, TrainConfig, dump_config
 from simvg.synthref.scene import EASY_BACKGROUND, EASY_MAX_OBJECTS, STARTER_MAX_OBJECTS
@@ -41,32 +43,42 @@ def loss(dwbd: tuple[float, float] | None) -> LossConfig:
     return LossConfig(decoder=1.0, token=dwbd[0], distill=dwbd[1], distill_mode="dynamic")
 
 
-def recipe(
-    name: str,
-    preset: str,
-    data: DataConfig,
-    dwbd: tuple[float, float] | None,
-    lr: float,
-    epochs: int,
-    warmup: int,
-    milestones: list[int],
-    batch: int,
-    ema: bool = False,
-    init_from: str | None = None,
-    backbone: str = "b32",
-    **train: object,
-) -> Config:
-    """One official recipe; BEiT-3 weights only when the run does not start from a simvg checkpoint."""
-    model = ModelSection(
-        preset=preset,
-        pretrained=None if init_from else BEIT3[backbone],
-        init_from=f"runs/{init_from}/best.pth" if init_from else None,
-    )
-    # fp32 like the official runs (use_fp16=False); bf16 autocast is an opt-in (--set train.amp=bf16).
-    settings = dict(output_dir=f"runs/{name}", lr=lr, epochs=epochs, warmup=warmup, milestones=milestones,
-                    batch_size=batch, ema=ema, amp="none")  # fmt: skip
-    settings.update(train)
-    return Config(model=model, data=data, loss=loss(dwbd), train=TrainConfig(**settings), eval=EvalConfig())
+@dataclass
+class Recipe:
+    """One row of the official recipe table (docs/design.md O4.2): what differs between the released configs.
+
+    ``dwbd`` is the (token, distill) loss weights, None for the decoder alone (stage 1, pre-training,
+    fine-tuning); ``init_from`` names the run whose ``best.pth`` starts this one (then no BEiT-3 weights are read,
+    else ``backbone`` picks them); ``train`` holds any other ``TrainConfig`` field. Runs are in fp32 like the
+    official ones (use_fp16=False); bf16 autocast is an opt-in (--set train.amp=bf16).
+    """
+
+    name: str
+    preset: str
+    data: DataConfig
+    dwbd: tuple[float, float] | None
+    lr: float
+    epochs: int
+    warmup: int
+    milestones: list[int]
+    batch: int
+    ema: bool = False
+    init_from: str | None = None
+    backbone: str = "b32"
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> Config:
+        model = ModelSection(
+            preset=self.preset,
+            pretrained=None if self.init_from else BEIT3[self.backbone],
+            init_from=f"runs/{self.init_from}/best.pth" if self.init_from else None,
+        )
+        settings = dict(output_dir=f"runs/{self.name}", lr=self.lr, epochs=self.epochs, warmup=self.warmup,
+                        milestones=self.milestones, batch_size=self.batch, ema=self.ema, amp="none")  # fmt: skip
+        settings.update(self.train)
+        return Config(
+            model=model, data=self.data, loss=loss(self.dwbd), train=TrainConfig(**settings), eval=EvalConfig()
+        )
 
 
 def rec_data(stem: str, **kw: object) -> DataConfig:
@@ -74,61 +86,69 @@ def rec_data(stem: str, **kw: object) -> DataConfig:
     return DataConfig(dataset=dataset, tokenizer=SPM, val_splits=vals, test_splits=tests, **kw)
 
 
-def put(configs: dict[str, Config], name: str, *args: object, **kw: object) -> None:
-    configs[name] = recipe(name, *args, **kw)
-
-
-def vit_b_single() -> dict[str, Config]:
-    configs: dict[str, Config] = {}
+def vit_b_single() -> list[Recipe]:
+    rows = []
     for stem in REC_DATASETS:
         small = stem in ("referit", "flickr30k")  # batch 32 and no EMA in their stage 1
         data = rec_data(stem)
-        put(configs, f"{stem}_b32_onestage", "simvg_b32", data, (2.0, 1.0), 5e-4, 30, 3, [25], 32)
-        put(configs, f"{stem}_b32_twostage_1", "simvg_b32", data, None, 5e-4, 30, 3, [25], 32 if small else 16,
-            ema=not small)  # fmt: skip
-        put(configs, f"{stem}_b32_twostage_2", "simvg_b32", data, (2.0, 1.0), 3e-4, 20, 3, [15], 32,
-            init_from=f"{stem}_b32_twostage_1")  # fmt: skip
+        rows += [
+            Recipe(f"{stem}_b32_onestage", "simvg_b32", data, dwbd=(2.0, 1.0), lr=5e-4, epochs=30, warmup=3,
+                   milestones=[25], batch=32),
+            Recipe(f"{stem}_b32_twostage_1", "simvg_b32", data, dwbd=None, lr=5e-4, epochs=30, warmup=3,
+                   milestones=[25], batch=32 if small else 16, ema=not small),
+            Recipe(f"{stem}_b32_twostage_2", "simvg_b32", data, dwbd=(2.0, 1.0), lr=3e-4, epochs=20, warmup=3,
+                   milestones=[15], batch=32, init_from=f"{stem}_b32_twostage_1"),
+        ]  # fmt: skip
     grec = DataConfig(dataset="grefcoco", tokenizer=SPM, lsj=False, val_splits=["val"], test_splits=["testA", "testB"])
     every2 = dict(eval_every_epochs=2, eval_start_epoch=50)
-    put(configs, "grefcoco_b32_onestage", "simvg_b32_grec", grec, (2.0, 1.0), 5e-4, 200, 3, [180], 32, **every2)
-    put(configs, "grefcoco_b32_twostage_1", "simvg_b32_grec", grec, None, 5e-4, 200, 3, [180], 32, **every2)
-    put(configs, "grefcoco_b32_twostage_2", "simvg_b32_grec", grec, (2.0, 1.0), 5e-4, 100, 3, [90], 32,
-        init_from="grefcoco_b32_twostage_1", **every2)  # fmt: skip
-    return configs
+    return rows + [
+        Recipe("grefcoco_b32_onestage", "simvg_b32_grec", grec, dwbd=(2.0, 1.0), lr=5e-4, epochs=200, warmup=3,
+               milestones=[180], batch=32, train=every2),
+        Recipe("grefcoco_b32_twostage_1", "simvg_b32_grec", grec, dwbd=None, lr=5e-4, epochs=200, warmup=3,
+               milestones=[180], batch=32, train=every2),
+        Recipe("grefcoco_b32_twostage_2", "simvg_b32_grec", grec, dwbd=(2.0, 1.0), lr=5e-4, epochs=100, warmup=3,
+               milestones=[90], batch=32, init_from="grefcoco_b32_twostage_1", train=every2),
+    ]  # fmt: skip
 
 
-def vit_l_single() -> dict[str, Config]:
-    configs: dict[str, Config] = {}
+def vit_l_single() -> list[Recipe]:
+    rows = []
     for stem in REC_DATASETS:
         dwbd = (2.0, 1.0) if stem == "referit" else (1.0, 0.4)
-        data, large = rec_data(stem), dict(backbone="l32")
-        warmup = 0 if stem == "refcocog_google" else 3
-        put(configs, f"{stem}_l32_onestage", "simvg_l32", data, dwbd, 5e-4, 30, warmup, [25], 4, **large)
-        put(configs, f"{stem}_l32_twostage_1", "simvg_l32", data, None, 5e-4, 30, 3, [21, 27], 4, **large)
-        put(configs, f"{stem}_l32_twostage_2", "simvg_l32", data, dwbd, 1e-4, 10, 0, [7], 4,
-            init_from=f"{stem}_l32_twostage_1", **large)  # fmt: skip
-    return configs
+        data = rec_data(stem)
+        rows += [
+            Recipe(f"{stem}_l32_onestage", "simvg_l32", data, dwbd=dwbd, lr=5e-4, epochs=30,
+                   warmup=0 if stem == "refcocog_google" else 3, milestones=[25], batch=4, backbone="l32"),
+            Recipe(f"{stem}_l32_twostage_1", "simvg_l32", data, dwbd=None, lr=5e-4, epochs=30, warmup=3,
+                   milestones=[21, 27], batch=4, backbone="l32"),
+            Recipe(f"{stem}_l32_twostage_2", "simvg_l32", data, dwbd=dwbd, lr=1e-4, epochs=10, warmup=0,
+                   milestones=[7], batch=4, init_from=f"{stem}_l32_twostage_1", backbone="l32"),
+        ]  # fmt: skip
+    return rows
 
 
-def mixed() -> dict[str, Config]:
+def mixed() -> list[Recipe]:
     """Pre-training on the mixture / COCO-only set, then fine-tuning or two-stage distillation (all ViT-B)."""
     # Both pre-training sets run at 640 px. The official pretrain-cocoall used 512, but its fine-tuning configs run
     # at 640 and a 512-px vision position table (259 rows) does not load into a 640-px model (403 rows): the
     # official flow breaks there (docs/design.md, "What differs").
-    configs: dict[str, Config] = {}
-    for name, dataset in (("pretrain_mixed_b32", "mixed"), ("pretrain_cocoall_b32", "cocoall")):
-        data = DataConfig(dataset=dataset, tokenizer=SPM, lsj=False, val_splits=MIXED_VALS)
-        configs[name] = recipe(name, "simvg_b32", data, None, 5e-4, 30, 3, [21, 27], 32)
+    rows = [
+        Recipe(name, "simvg_b32", DataConfig(dataset=dataset, tokenizer=SPM, lsj=False, val_splits=MIXED_VALS),
+               dwbd=None, lr=5e-4, epochs=30, warmup=3, milestones=[21, 27], batch=32)
+        for name, dataset in (("pretrain_mixed_b32", "mixed"), ("pretrain_cocoall_b32", "cocoall"))
+    ]  # fmt: skip
     for stem in FINETUNE_TARGETS:
         for source, pre in (("mix", "pretrain_mixed_b32"), ("cocoall", "pretrain_cocoall_b32")):
-            lr = 2e-4 if source == "cocoall" and stem == "refcoco" else 1e-4
-            name = f"finetune_{source}_{stem}_b32"
-            configs[name] = recipe(name, "simvg_b32", rec_data(stem), None, lr, 10, 3, [8], 32, init_from=pre)
-            name = f"distill_{source}_{stem}_b32"
-            dwbd, epochs, milestones = ((2.0, 1.0), 15, [10]) if source == "mix" else ((1.0, 0.4), 20, [15])
-            configs[name] = recipe(name, "simvg_b32", rec_data(stem), dwbd, 3e-4, epochs, 3, milestones, 32,
-                                   init_from=pre)  # fmt: skip
-    return configs
+            mix = source == "mix"
+            rows += [
+                Recipe(f"finetune_{source}_{stem}_b32", "simvg_b32", rec_data(stem), dwbd=None,
+                       lr=2e-4 if source == "cocoall" and stem == "refcoco" else 1e-4, epochs=10, warmup=3,
+                       milestones=[8], batch=32, init_from=pre),
+                Recipe(f"distill_{source}_{stem}_b32", "simvg_b32", rec_data(stem),
+                       dwbd=(2.0, 1.0) if mix else (1.0, 0.4), lr=3e-4, epochs=15 if mix else 20, warmup=3,
+                       milestones=[10] if mix else [15], batch=32, init_from=pre),
+            ]  # fmt: skip
+    return rows
 
 
 SYNTH = "simvg data synth --out data/{} --task {} --num-images {} --image-size {} --seed 0"
@@ -239,7 +259,8 @@ def synthref() -> dict[str, Config]:
 
 
 def all_configs() -> dict[str, Config]:
-    return {**vit_b_single(), **vit_l_single(), **mixed(), **synthref()}
+    recipes = vit_b_single() + vit_l_single() + mixed()
+    return {**{r.name: r.config() for r in recipes}, **synthref()}
 
 
 def render(name: str, cfg: Config) -> str:

@@ -19,24 +19,34 @@ post-processing of a branch's outputs.
 ``weights`` picks "ema" or "raw" weights of a file that holds both ("auto": EMA when present). Every failure a user
 can cause is a ``UserError`` naming the file. Nothing here knows the training config's schema beyond the model
 section and a handful of data fields, so renaming a training option never breaks a model folder.
+
+A training run's model comes from here too: ``build_model`` (the ``model`` section's architecture, BEiT-3 weights,
+then ``init_from`` through ``init_weights``: any file this module reads, partially and checked).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import Tensor
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import Tensor, nn
 
+from simvg.config import DataConfig, ModelSection, from_dict, model_settings
+from simvg.data.datasets import tokenizer_path
+from simvg.data.tokenizer import BEiT3Tokenizer, check_vocab
 from simvg.engine.metrics import SCORE_THRESHOLD
 from simvg.errors import UserError
+from simvg.inference.quantize import build_int8, check_precision
 from simvg.models import SimVG, SimVGConfig
+from simvg.models.beit3 import load_beit3_pretrained
 from simvg.models.official import infer_config, is_official_state, official_to_ours
 from simvg.utils.checkpoint import (
     atomic_write_bytes,
@@ -131,8 +141,6 @@ def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
 
 def spec_from_dict(data: Any, where: str) -> ModelSpec:
     """Parse ``model.yaml``'s content; a wrong field is a UserError naming ``where`` and the field."""
-    from simvg.config import from_dict
-
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{where}: not a simvg model spec (expected format: {FORMAT})")
     data = {k: v for k, v in data.items() if k != "format"}
@@ -163,8 +171,6 @@ def read_spec(folder: Path) -> ModelSpec:
 
 def spec_from_training_config(config: dict[str, Any], source: str, weights: str) -> ModelSpec:
     """The spec of a ``simvg train`` run from its stored config (only ``model`` and a few ``data`` fields are read)."""
-    from simvg.config import ModelSection, from_dict, model_settings
-
     model = dict(config.get("model") or {})
     section = from_dict(ModelSection, model, where=f"{source}: model")
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
@@ -225,8 +231,6 @@ def read_safetensors(path: Path, lazy: bool = False) -> tuple[Mapping[str, Tenso
     ``lazy``: the tensors come as a ``LazyTensors`` mapping that reads each one only when asked for (the header is
     checked now), so that a loader can hold one layer in memory at a time.
     """
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise UserError(f"{path}: missing")
     try:
@@ -249,8 +253,6 @@ class LazyTensors(Mapping[str, Tensor]):
         self.path, self._keys = path, list(keys)
 
     def __getitem__(self, key: str) -> Tensor:
-        from safetensors import SafetensorError, safe_open
-
         if key not in self._keys:
             raise KeyError(key)
         try:
@@ -381,15 +383,8 @@ def build(spec: ModelSpec, state: dict[str, Tensor], source: str) -> SimVG:
 
 def check_tokenizer(path: Path, spec: ModelSpec) -> None:
     """The tokenizer must exist and its ids must fit the model's text embedding table."""
-    from simvg.data.tokenizer import BEiT3Tokenizer
-
-    rows = spec.architecture.encoder.vocab_size
-    size = BEiT3Tokenizer(path, max_len=spec.preprocess.max_tokens).vocab_size
-    if size > rows:
-        raise UserError(
-            f"{path}: {size} token ids but the model's text embedding has {rows} rows; "
-            "this tokenizer is not the model's (official models read BEiT-3's beit3.spm)"
-        )
+    check_vocab(spec.architecture.encoder.vocab_size, BEiT3Tokenizer(path, max_len=spec.preprocess.max_tokens),
+                "this tokenizer is not the model's (official models read BEiT-3's beit3.spm)")  # fmt: skip
 
 
 def pick_tokenizer(read: Weights, tokenizer: str | Path | None, need: bool) -> Path | None:
@@ -426,8 +421,6 @@ def load_artifact(
     Linear layers dynamically on the CPU (``simvg.inference.quantize``), reading the weights one layer at a time;
     None or "fp32" loads them as they are.
     """
-    from simvg.inference.quantize import build_int8, check_precision
-
     precision = check_precision(precision, device)
     dev = torch_device(device)
     read = read_weights(path, weights, task, lazy=precision == "int8")
@@ -458,6 +451,93 @@ def torch_device(device: str | torch.device) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the starting weights of a training run
+
+
+def build_model(
+    section: ModelSection, data: DataConfig, with_weights: bool = True, allow_pickle: bool = False
+) -> SimVG:
+    """The model of a run's ``model`` section (on CPU); with ``with_weights`` also its starting weights: BEiT-3's
+    (``pretrained``), then a whole model's (``init_from``, through ``init_weights``; ``data`` is the run's, for the
+    tokenizer check). ``allow_pickle`` lets a BEiT-3 file that needs full unpickling load (``simvg train
+    --allow-pickle``; trusted files only)."""
+    model = SimVG(model_settings(section))
+    if not with_weights:
+        return model
+    if section.pretrained:
+        loaded = load_beit3_pretrained(model.encoder, section.pretrained, allow_pickle=allow_pickle)
+        log.info("BEiT-3 weights from %s: %s", section.pretrained, loaded)
+    if section.init_from:
+        init_weights(model, section.init_from, section.init_use_ema, data, section.init_reset)
+    return model
+
+
+def tokenizer_mismatch(source: Path | None, data: DataConfig) -> str | None:
+    """``source`` (the tokenizer a checkpoint's run read) when it is a file that differs from ``data``'s, else None.
+
+    Every SynthRef folder trains its own tokenizer, so a stage that moves to another folder must keep the first
+    stage's (``data.tokenizer``); otherwise word ids change and the learned text embeddings mean nothing.
+    """
+    ours = tokenizer_path(data)
+    if source is None or not (source.is_file() and ours.is_file()) or source.resolve() == ours.resolve():
+        return None
+    return None if source.read_bytes() == ours.read_bytes() else str(source)
+
+
+def init_weights(
+    model: nn.Module, path: str, use_ema: bool, data: DataConfig | None = None, reset: Sequence[str] = ()
+) -> None:
+    """Stage 2 / fine-tuning start: a checked partial load of any model file this module reads (a run's
+    checkpoint, a model folder, an official SimVG file: the authors' pre-train -> fine-tune flow); missing keys are
+    reported.
+
+    With ``data``, a warning names the checkpoint's tokenizer when this run reads a different one. Keys starting
+    with a prefix in ``reset`` are not loaded (they keep this model's initialisation); a prefix that matches no
+    key of the model is an error, so that a typo cannot silently load everything.
+    """
+    read = read_weights(path, weights="ema" if use_ema else "raw")
+    for notice in read.notices:
+        log.info("init_from %s", notice)
+    other = tokenizer_mismatch(read.tokenizer, data) if data is not None else None
+    if other:
+        log.warning(
+            "init_from %s was trained with tokenizer %s, this run reads %s (other word ids): set data.tokenizer=%s",
+            path, other, tokenizer_path(data), other,
+        )  # fmt: skip
+    state, dropped = without_prefixes(read.state, model, reset)
+    hint = " (to start it fresh instead: --set model.init_reset=[{key}])"
+    missing, unexpected = load_model_state(model, state, strict=False, source=path, mismatch_hint=hint)
+    if len(missing) == len(model.state_dict()):
+        raise UserError(f"{path}: no key of this checkpoint matches the model (is it a simvg checkpoint?)")
+    log.info("initialised from %s (%s weights): %d keys loaded", path, read.spec.weights, len(state) - len(unexpected))
+    if dropped:
+        log.info("init_from %s: %d keys keep their fresh initialisation (model.init_reset): %s", path, len(dropped),
+                 ", ".join(dropped[:10]))  # fmt: skip
+    missing = sorted(set(missing) - set(dropped))
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            log.warning("init_from %s: %d %s keys: %s", path, len(keys), label, ", ".join(keys[:10]))
+
+
+def without_prefixes(
+    state: Mapping[str, Tensor], model: nn.Module, prefixes: Sequence[str]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """(``state`` without the keys under ``prefixes``, the model's keys under them); ``UserError`` for a prefix
+    that names no key of the model."""
+    own = list(model.state_dict())
+    for prefix in prefixes:
+        if not any(_under(key, prefix) for key in own):
+            raise UserError(f"model.init_reset: {prefix!r} names no weight of this model (e.g. tqg.query_embed)")
+    dropped = [key for key in own if any(_under(key, p) for p in prefixes)]
+    kept = {key: value for key, value in state.items() if not any(_under(key, p) for p in prefixes)}
+    return kept, dropped
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix.rstrip(".") + ".")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # writing a model folder
 
 
@@ -466,8 +546,6 @@ def save_folder(
 ) -> Path:
     """Write ``out/model.safetensors`` (fp16 with ``half``), ``out/model.yaml`` and ``out/tokenizer.spm``, each
     atomically; returns the weights' path. Loading casts fp16 weights back to the model's dtype."""
-    from safetensors.torch import save
-
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -557,7 +635,9 @@ __all__ = [
     "Preprocess",
     "SCORE_THRESHOLD",
     "Weights",
+    "build_model",
     "export_folder",
+    "init_weights",
     "load_artifact",
     "load_model",
     "postprocess",

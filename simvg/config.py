@@ -1,8 +1,9 @@
 """Experiment configuration: nested dataclasses loaded from complete YAML files plus ``--set key=value`` overrides.
 
 ``Config(model, data, loss, train, eval)``: ``model`` names a preset of ``simvg.models.create_model`` plus overrides
-and the weights to start from; ``data`` is ``simvg.data.datasets.DataConfig``; ``loss`` is
-``simvg.losses.LossConfig``; ``train`` and ``eval`` are defined here. Files are complete (no ``_base_``
+and the weights to start from; ``data``, ``loss``, ``train`` and ``eval`` say what to read, what to optimise, how, and
+how to validate. Every section is defined here (the one rule: a config section lives in this module, its consumers
+import it). Files are complete (no ``_base_``
 inheritance, docs/design.md S7.3), so every effective value is visible in one file. Unknown keys and wrong
 types raise ``UserError`` naming the key and the file; ``--set`` values are parsed with ``yaml.safe_load``.
 """
@@ -22,6 +23,8 @@ import yaml
 from simvg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES
 from simvg.engine.metrics import SCORE_THRESHOLD
 from simvg.errors import UserError
+from simvg.models import MODEL_PRESETS, SimVGConfig, model_config
+from simvg.models.beit3 import BEiT3Config
 
 
 @dataclass
@@ -361,40 +364,56 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, s
         raise UserError(f"{source}: {str(exc).lstrip('.')}") from None
 
 
-def model_settings(section: ModelSection) -> Any:
-    """The ``SimVGConfig`` that ``section`` describes, every field type-checked (``UserError`` naming the key).
-
-    Overrides follow ``simvg.models.model_config``: plain fields by name, nested sections as dicts (merged into
-    the preset's), dotted keys (``encoder.depth``), or ``encoder`` as a BEiT-3 preset name.
-    """
-    from simvg.models import MODEL_PRESETS, SimVGConfig, model_config
-
+def model_settings(section: ModelSection) -> SimVGConfig:
+    """The ``SimVGConfig`` that ``section`` describes: its preset with the overrides applied by
+    ``simvg.models.model_config`` (the one place that resolves them: plain fields by name, ``encoder`` as a dict
+    merged into the preset's or as a BEiT-3 preset name, dotted ``encoder.<field>`` keys), each value type-checked
+    here first (``UserError`` naming the key, e.g. ``model.overrides.encoder.depth``)."""
     if section.preset not in MODEL_PRESETS:
         raise UserError(f"model.preset: unknown preset {section.preset!r}; known: {', '.join(sorted(MODEL_PRESETS))}")
-    if isinstance(section.overrides.get("encoder"), str):
-        return model_config(section.preset, **section.overrides)
-    merged = to_dict(MODEL_PRESETS[section.preset])
-    for key, value in section.overrides.items():
-        head, _, rest = key.partition(".")
-        if rest and isinstance(merged.get(head), dict):
-            merged[head] = {**merged[head], rest: value}
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+    return model_config(section.preset, **_typed_overrides(section.overrides))
+
+
+def _typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``model.overrides`` with every value checked against its field's annotation (and converted: ``1`` for a
+    float field becomes ``1.0``); the keys stay as they are for ``model_config``."""
+    model, encoder = _hints(SimVGConfig), _hints(BEiT3Config)
+    typed: dict[str, Any] = {}
+    for key, value in overrides.items():
+        where = f"model.overrides.{key}"
+        head, _, name = key.partition(".")
+        if name and head == "encoder":
+            typed[key] = _field_value(encoder, name, value, where)
+        elif key == "encoder" and isinstance(value, dict):
+            typed[key] = {k: _field_value(encoder, k, v, f"{where}.{k}") for k, v in value.items()}
+        elif key == "encoder" and isinstance(value, str):
+            typed[key] = value  # a BEiT-3 preset name, which model_config checks
         else:
-            merged[key] = value
-    return from_dict(SimVGConfig, merged, where="model.overrides")
+            typed[key] = _field_value(model, key, value, where)
+    return typed
+
+
+def _field_value(hints: dict[str, Any], name: str, value: Any, where: str) -> Any:
+    if name not in hints:
+        raise UserError(f"{where}: unknown key (valid keys: {', '.join(sorted(hints))})")
+    return _convert(value, hints[name], where)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (what a resumed run reports)."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML experiment file and apply ``--set`` overrides; errors name the file and the key."""
     return config_from_dict(read_yaml(path), overrides, source=str(path))
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run's ``config.yaml``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_config(cfg))
 
 
 class _Dumper(yaml.SafeDumper):

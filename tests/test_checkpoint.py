@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, weights_only loads, prefix cleaning, checked partial loads, RNG round trip, export."""
 
+import errno
 import os
 import pickle
 import random
@@ -9,6 +10,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+import kill_during_save
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,9 @@ from simvg.utils.checkpoint import (
     set_rng_state,
     unwrap_model,
 )
+
+TESTS = Path(__file__).resolve().parent
+REAL_REPLACE = os.replace
 
 
 class Tiny(nn.Module):
@@ -103,17 +108,20 @@ def test_atomic_write_keeps_the_old_file_when_serialisation_fails(tmp_path):
 
 
 def test_kill_during_write_leaves_previous_checkpoint(tmp_path):
-    """A SIGKILL between writing the temporary file and the rename leaves the old file intact."""
+    """A SIGKILL between writing the temporary file and the rename leaves the old file intact (the kill comes from
+    ``tests/kill_during_save.py``; a save that is not atomic is either not killed or leaves value 2 behind)."""
     path = tmp_path / "last.pth"
     code = (
         "import sys, torch\n"
-        "from simvg.utils.checkpoint import atomic_torch_save\n"
-        "atomic_torch_save({'v': torch.tensor(1)}, sys.argv[1])\n"
-        "atomic_torch_save({'v': torch.tensor(2)}, sys.argv[1])\n"
+        "import kill_during_save\n"
+        "from simvg.utils import checkpoint\n"
+        "kill_during_save.install(2)\n"
+        "checkpoint.atomic_torch_save({'v': torch.tensor(1)}, sys.argv[1])\n"
+        "checkpoint.atomic_torch_save({'v': torch.tensor(2)}, sys.argv[1])\n"
     )
-    env = {**os.environ, "SIMVG_FAULT_KILL_DURING_SAVE": "2"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, timeout=60)
-    assert proc.returncode == -9
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert load_checkpoint(path)["v"].item() == 1
     assert [p.name for p in remove_stale_temporaries(tmp_path)] != []
     assert sorted(os.listdir(tmp_path)) == ["last.pth"]
@@ -283,30 +291,33 @@ def test_removing_a_temporary_that_vanished_meanwhile_is_not_an_error(
     assert not (tmp_path / ".a.pth.1.tmp").exists()
 
 
-def test_fault_hook_kills_the_process_at_the_nth_checkpoint_write(tmp_path: Path, monkeypatch) -> None:
-    """``SIMVG_FAULT_KILL_DURING_SAVE=2`` sends SIGKILL to this process during the second ``atomic_torch_save``
-    (after the temporary is written, before the rename); other writes do not count. In-process, with ``os.kill``
-    recorded instead of delivered (``test_kill_during_write_leaves_previous_checkpoint`` runs the real kill in a
-    child process, which mutation testing cannot see)."""
+def test_kill_during_save_hook_stops_the_nth_checkpoint_write_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    """The crash hook of the tests (``tests/kill_during_save.py``) kills the process during the n-th
+    ``atomic_torch_save`` (``save_checkpoint``'s included; other writes do not count) at the rename: the temporary
+    file beside the destination is then complete (it loads) and the destination not written yet. In-process, with
+    the kill raising (``test_kill_during_write_leaves_previous_checkpoint`` runs the real SIGKILL in a child process,
+    which mutation testing cannot see); afterwards the hook's ``os.replace`` is gone again."""
 
     class Killed(BaseException):
         pass
 
-    calls = []
+    seen = []
 
-    def fake_kill(pid: int, sig: int) -> None:
-        calls.append((pid, sig))
+    def kill() -> None:
+        (tmp,) = tmp_path.glob(".1.pth.*.tmp")
+        seen.append((load_checkpoint(tmp)["step"], sorted(p.name for p in tmp_path.iterdir() if p != tmp)))
         raise Killed
 
-    monkeypatch.setattr(C.os, "kill", fake_kill)
-    monkeypatch.setattr(C, "_saves_done", 0)
-    monkeypatch.setenv("SIMVG_FAULT_KILL_DURING_SAVE", "2")
+    kill_during_save.install(2, kill, monkeypatch.setattr)
     C.atomic_write_bytes(b"not counted", tmp_path / "other.bin")
     C.atomic_torch_save({"i": 0}, tmp_path / "0.pth")
     with pytest.raises(Killed):
-        C.atomic_torch_save({"i": 1}, tmp_path / "1.pth")
-    assert calls == [(os.getpid(), signal.SIGKILL)]
-    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["0.pth"]
+        C.save_checkpoint(tmp_path / "1.pth", {"step": 1})
+    assert seen == [(1, ["0.pth", "other.bin"])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.pth", "other.bin"]  # the temporary removed
+    assert os.replace is REAL_REPLACE
+    C.atomic_torch_save({"i": 2}, tmp_path / "2.pth")  # the third write is not killed
+    assert torch.load(tmp_path / "2.pth", weights_only=True) == {"i": 2}
 
 
 def test_a_pickled_object_is_refused_with_its_reason(tmp_path: Path) -> None:
@@ -453,3 +464,80 @@ def test_files_of_other_pickle_protocols_load_without_warnings(tmp_path: Path) -
         obj = C.load_checkpoint(path)
     assert obj["epoch"] == 3 and torch.equal(obj["model"]["w"], torch.ones(2))
     assert not caught, [str(w.message) for w in caught]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Write errors: the message's reason when the OSError lacks parts, and text files that fail mid-write (the second
+# mutation run, once tests/test_hardening.py joined the selection).
+
+
+def _os_error(errno_: int | None = None, strerror: str | None = None, *args: str) -> OSError:
+    """An ``OSError`` with only the given parts (``OSError(errno, strerror)`` would always set both)."""
+    exc = OSError(*args)
+    if errno_ is not None:
+        exc.errno = errno_
+    if strerror is not None:
+        exc.strerror = strerror
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (_os_error(errno.ENOSPC, "No space left on device"), "No space left on device"),
+        (_os_error(errno.ENOSPC), "ENOSPC"),  # no text: errno's symbolic name
+        (_os_error(None, None, "quota exceeded"), "quota exceeded"),  # neither: the exception's own text
+        (_os_error(99999, None, "odd"), "odd"),  # an errno without a name
+        (_os_error(), "I/O error"),  # nothing at all
+    ],
+)
+def test_write_error_reason_falls_back_from_strerror_to_errno_name_to_text(exc: OSError, reason: str) -> None:
+    error = C.write_error(Path("runs/a.pth"), exc)
+    assert str(error) == f"runs/a.pth: cannot write ({reason})"
+    assert (error.errno, error.strerror, error.filename) == (exc.errno, exc.strerror, "runs/a.pth")
+
+
+def test_write_error_text_is_its_message_alone() -> None:
+    """``OSError`` would print "[Errno 28] ..." once ``errno`` is set; a ``WriteError`` prints its one line."""
+    error = C.write_error("x.bin", _os_error(errno.ENOSPC, "No space left on device"))
+    assert str(error) == "x.bin: cannot write (No space left on device)"
+    assert str(C.WriteError()) == ""
+    assert str(C.WriteError("first", "second")) == "first"
+
+
+class _FullDisk:
+    """A text file whose every write fails as on a full disk."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class _Recording:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+
+def test_a_failing_text_write_names_the_destination(tmp_path: Path) -> None:
+    """``atomic_text_writer``'s file turns a write's ``OSError`` into a ``WriteError`` naming the destination (not
+    the temporary file), and passes a successful write's count through."""
+    path = tmp_path / "preds.jsonl"
+    with pytest.raises(C.WriteError) as err:
+        C._CheckedText(_FullDisk(), path).write("x")  # type: ignore[arg-type]
+    assert str(err.value) == f"{path}: cannot write (No space left on device)" and err.value.errno == errno.ENOSPC
+    recording = _Recording()
+    assert C._CheckedText(recording, path).write("abc") == 3  # type: ignore[arg-type]
+    assert recording.parts == ["abc"]
+
+
+def test_a_stale_sha256_in_the_state_is_replaced_not_hashed(tmp_path: Path) -> None:
+    """A state that still carries a ``sha256`` (a dict loaded without ``load_checkpoint``, edited, saved again) gets
+    a fresh hash of everything else: hashing the stale one too would make the file fail its own check on load."""
+    path = tmp_path / "c.pth"
+    C.save_checkpoint(path, {"step": 5, "sha256": "0" * 64})
+    raw = torch.load(path, weights_only=True)
+    assert raw["sha256"] == C.content_hash({"version": 1, "step": 5})
+    assert C.load_checkpoint(path) == {"version": 1, "step": 5}

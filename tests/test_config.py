@@ -3,6 +3,7 @@ with the key (and file) named; ``--set`` applies with YAML-typed values."""
 
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from simvg.config import (
     Config,
     ModelSection,
     apply_overrides,
+    config_changes,
     config_from_dict,
     dump_config,
     load_config,
@@ -28,6 +30,7 @@ YAMLS = sorted(CONFIGS.glob("*.yaml"))
 def load_generator():
     spec = importlib.util.spec_from_file_location("configs_generate", CONFIGS / "generate.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve string annotations through the module's entry
     spec.loader.exec_module(module)
     return module
 
@@ -174,3 +177,22 @@ def test_every_config_field_is_read_by_the_code():
             if not any(use.search(line) and not definition.match(line) for line in lines):
                 unread.append(f"{cls.__name__}.{f.name}")
     assert not unread, f"config fields no code reads: {unread}"
+
+
+def test_model_overrides_are_type_checked_then_resolved_by_the_models_package():
+    """``model_settings`` converts an int given for a float field (YAML ``0``) and leaves the merging to
+    ``simvg.models.model_config``: dotted keys and nested dicts land in the preset's encoder, the rest of the preset
+    stays. Bites if the conversion is dropped (an int drop-path rate would be stored) or a key is lost."""
+    settings = model_settings(ModelSection("simvg_tiny_test", {"encoder.drop_path_rate": 0, "dropout": 0,
+                                                               "encoder": {"depth": 3}}))  # fmt: skip
+    assert settings.encoder.drop_path_rate == 0.0 and isinstance(settings.encoder.drop_path_rate, float)
+    assert settings.dropout == 0.0 and isinstance(settings.dropout, float)
+    assert (settings.encoder.depth, settings.encoder.embed_dim, settings.num_queries) == (3, 64, 1)  # tiny preset
+    with pytest.raises(UserError, match=r"model\.overrides\.encoder\.depthh: unknown key"):
+        model_settings(ModelSection("simvg_tiny_test", {"encoder.depthh": 1}))
+
+
+def test_config_changes_name_the_dotted_keys_that_differ():
+    old = {"train": {"lr": 0.1, "epochs": 3}, "data": {"root": "a"}}
+    new = {"train": {"lr": 0.2, "epochs": 3}, "data": {"root": "a"}, "eval": {"branch": "token"}}
+    assert config_changes(old, new) == ["eval", "train.lr"]

@@ -10,15 +10,9 @@ from PIL import Image
 
 from simvg.config import DataConfig
 from simvg.data.collate import Batch, boxes_to_original
-from simvg.data.datasets import (
-    EpochShuffleSampler,
-    ShardSampler,
-    build_dataset,
-    build_loader,
-    dataset_task,
-    set_epoch,
-)
+from simvg.data.datasets import build_dataset, dataset_task
 from simvg.data.formats import get_spec
+from simvg.data.loaders import ResumableSampler, ShardSampler, batches_per_epoch, make_loader
 from simvg.errors import UserError
 
 
@@ -102,21 +96,22 @@ def test_loader_batches_and_worker_independence(rec_dir):
     ds = build_dataset(_cfg(rec_dir), "train", True, TOK, seed=1)
     runs = []
     for workers in (0, 2):
-        loader = build_loader(ds, batch_size=2, train=True, seed=3, num_workers=workers)
-        set_epoch(loader, 4)
+        sampler = ResumableSampler(len(ds), batch_size=2, seed=3)
+        loader = make_loader(ds, 2, sampler, workers)
+        sampler.set_epoch(4)
+        ds.set_epoch(4)
         batches = list(loader)
         assert isinstance(batches[0], Batch) and batches[0].images.shape == (2, 3, 32, 32)
         runs.append([t["expression"] for b in batches for t in b.targets])
     assert runs[0] == runs[1]
 
 
-def test_samplers():
-    s = EpochShuffleSampler(10, seed=0)
-    first = list(s)
-    s.set_epoch(1)
-    assert sorted(first) == list(range(10)) and list(s) != first
+def test_eval_shards_and_batch_counts():
     shards = [list(ShardSampler(10, r, 3)) for r in range(3)]
-    assert sorted(sum(shards, [])) == list(range(10))  # every sample once, no padding duplicates
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]  # every sample once, no padding duplicates
+    # ceil(10 / 4) = 3; 3 ranks hold ceil(10 / 3) = 4 samples each -> 2 batches of 2; an empty set has none
+    assert (batches_per_epoch(10, 4), batches_per_epoch(10, 2, 3), batches_per_epoch(0, 4)) == (3, 2, 0)
+    assert batches_per_epoch(5, 32) == 1 == ResumableSampler(5, 32, seed=0).batches_per_epoch()
 
 
 def _grec_entry():

@@ -10,13 +10,13 @@ import torch
 import yaml
 from engine_data import make_config, make_dataset, write_config
 
-from simvg.artifact import export_folder
+from simvg.artifact import build_model, export_folder, init_weights
 from simvg.cli import main
 from simvg.config import load_config
 from simvg.data.collate import Batch
 from simvg.engine.evaluate import evaluate, gather_records, judge_batch, summarize
 from simvg.engine.plot import plot_run
-from simvg.engine.train import build_model, fit, init_weights
+from simvg.engine.train import fit
 from simvg.errors import UserError
 from simvg.losses import SimVGLoss
 from simvg.utils.checkpoint import clean_state_dict, load_checkpoint
@@ -96,7 +96,7 @@ def test_init_from_loads_ema_or_raw_weights(trained):
     ckpt = f"{cfg.train.output_dir}/last.pth"
     obj = load_checkpoint(ckpt)
     for use_ema in (False, True):
-        model = build_model(cfg, with_weights=False)
+        model = build_model(cfg.model, cfg.data, with_weights=False)
         init_weights(model, ckpt, use_ema)
         expected = clean_state_dict(obj["ema"]["module"] if use_ema else obj["model"])
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
@@ -108,7 +108,7 @@ def test_init_from_without_ema_weights_is_a_user_error(trained, tmp_path):
     obj["ema"] = None
     torch.save(obj, tmp_path / "noema.pth")
     with pytest.raises(UserError, match="no EMA weights"):
-        init_weights(build_model(cfg, with_weights=False), str(tmp_path / "noema.pth"), use_ema=True)
+        init_weights(build_model(cfg.model, cfg.data, with_weights=False), str(tmp_path / "noema.pth"), use_ema=True)
 
 
 def test_init_from_warns_when_the_run_reads_another_tokenizer(trained, tmp_path, caplog):
@@ -121,7 +121,7 @@ def test_init_from_warns_when_the_run_reads_another_tokenizer(trained, tmp_path,
     for path, warned in ((same, False), (other, True)):
         caplog.clear()
         data = dataclasses.replace(cfg.data, tokenizer=str(path))
-        init_weights(build_model(cfg, with_weights=False), ckpt, use_ema=False, data=data)
+        init_weights(build_model(cfg.model, cfg.data, with_weights=False), ckpt, use_ema=False, data=data)
         warnings = [r.getMessage() for r in caplog.records if "tokenizer" in r.getMessage()]
         assert bool(warnings) is warned
         if warned:
@@ -135,8 +135,8 @@ def test_init_reset_starts_a_grec_model_from_a_rec_checkpoint(trained, caplog):
         cfg, model=dataclasses.replace(cfg.model, overrides={**cfg.model.overrides, "num_queries": 10})
     )
     with pytest.raises(UserError, match=r"tqg.query_embed.weight: checkpoint \(1, 32\), model \(10, 32\).*init_reset"):
-        init_weights(build_model(grec, with_weights=False), ckpt, use_ema=False)
-    model = build_model(grec, with_weights=False)
+        init_weights(build_model(grec.model, grec.data, with_weights=False), ckpt, use_ema=False)
+    model = build_model(grec.model, grec.data, with_weights=False)
     fresh = model.tqg.query_embed.weight.detach().clone()
     caplog.clear()
     init_weights(model, ckpt, use_ema=False, reset=["tqg.query_embed"])
@@ -151,7 +151,7 @@ def test_init_reset_starts_a_grec_model_from_a_rec_checkpoint(trained, caplog):
 
 def test_init_reset_prefix_must_name_a_weight(trained):
     cfg, _ = trained
-    model = build_model(cfg, with_weights=False)
+    model = build_model(cfg.model, cfg.data, with_weights=False)
     with pytest.raises(UserError, match="init_reset: 'tqg.query' names no weight"):
         init_weights(model, f"{cfg.train.output_dir}/last.pth", use_ema=False, reset=["tqg.query"])
 
@@ -439,7 +439,7 @@ def test_eval_split_all_is_val_then_test_splits(trained):
 def test_eval_command_uses_every_eval_field_of_set(trained, monkeypatch, capsys):
     """Each ``--set eval.*`` value reaches the evaluation: batch size and sample limit the loader, the rest the
     ``evaluate`` call. Bites if any of them is dropped or replaced by the config's value."""
-    import simvg.engine.evaluate as evaluate_module
+    import simvg.engine.commands as commands_module
 
     cfg, _ = trained
     calls = []
@@ -448,7 +448,7 @@ def test_eval_command_uses_every_eval_field_of_set(trained, monkeypatch, capsys)
         calls.append({"loader": loader, "task": task, "branch": branch, **kw})
         return {"num_samples": float(len(loader.dataset)), "score": 0.0}
 
-    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    monkeypatch.setattr(commands_module, "evaluate", spy)
     settings = {"batch_size": 3, "branch": "token", "iou_threshold": 0.25, "score_threshold": 0.4,
                 "match_threshold": 0.6, "match_metric": "iou", "max_samples": 5}  # fmt: skip
     assert set(settings) == {f.name for f in dataclasses.fields(cfg.eval)}  # a new eval field needs a line here

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 
 import onnx
 import pytest
@@ -12,6 +14,7 @@ from grounding_helpers import scene
 
 from simvg.cli import main
 from simvg.errors import UserError
+from simvg.export import onnx as onnx_export
 from simvg.inference.grounder import Grounder
 
 TEXTS = ["the red circle on the left", "a", "all red shapes " * 5, "красный"]
@@ -88,3 +91,53 @@ def test_export_cli_errors(folder, tmp_path, capsys):
     assert "must end in .onnx" in capsys.readouterr().err
     assert main(["export", "onnx", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("fault", ["parity", "crash", "int8"])
+def test_a_failing_export_leaves_the_earlier_file_intact(folder, tmp_path, monkeypatch, fault):
+    """The graph is built and checked beside --out and renamed over it only when whole and checked: a parity error
+    (fp32 or int8) or a crash half-way through writing it changes nothing at --out and leaves no temporary behind."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the earlier export")
+    args = ["export", "onnx", "--checkpoint", str(folder), "--branch", "token", "--out", str(out)]
+    if fault == "parity":
+        monkeypatch.setattr(onnx_export, "TOLERANCE", -1.0)  # every graph now "differs"
+    elif fault == "int8":
+        monkeypatch.setattr(onnx_export, "INT8_TOLERANCE", -1.0)
+        args.append("--int8")
+    else:
+        real_export = torch.onnx.export
+
+        def torn(module, inputs, path, **kwargs):  # writes part of a graph, then dies
+            real_export(module, inputs, path, **kwargs)
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            raise RuntimeError("killed while writing the graph")
+
+        monkeypatch.setattr(torch.onnx, "export", torn)
+    if fault == "crash":
+        with pytest.raises(RuntimeError, match="killed while writing"):
+            main(args)
+    else:
+        assert main(args) == 2
+    assert out.read_bytes() == b"the earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no staging folder, no model.yaml
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_export_writes_an_ordinary_file_and_names_an_unwritable_path(folder, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the earlier export")
+    assert main(["export", "onnx", "--checkpoint", str(folder), "--branch", "token", "--out", str(out)]) == 0
+    assert onnx.load(str(out)).metadata_props  # replaced by the new graph
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    capsys.readouterr()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    bad = blocker / "model.onnx"  # its folder is a file: nothing can be written there, not even by root
+    assert main(["export", "onnx", "--checkpoint", str(folder), "--out", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "cannot write" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import kill_during_save
 import numpy as np
 import pytest
 import torch
@@ -107,19 +109,17 @@ def one_line_error(capsys, command: str, *needles: str) -> str:
 
 
 class Crash(BaseException):
-    """Stands for SIGKILL in-process: raised by the fault hook where the real one kills the process."""
+    """Stands for SIGKILL in-process: raised by the crash hook where the script form kills the process."""
 
 
 def crash_at_save(monkeypatch, n: int) -> None:
     """Make the n-th checkpoint write from now on 'crash' after its temporary file is written, before the rename
-    (exactly where ``SIMVG_FAULT_KILL_DURING_SAVE=n`` kills the process)."""
+    (exactly where ``python tests/kill_during_save.py n ...`` kills the process); later writes are not touched."""
 
-    def kill(pid, sig):
+    def kill() -> None:
         raise Crash
 
-    monkeypatch.setattr(checkpoint, "_saves_done", 0)
-    monkeypatch.setenv("SIMVG_FAULT_KILL_DURING_SAVE", str(n))
-    monkeypatch.setattr(checkpoint.os, "kill", kill)
+    kill_during_save.install(n, kill, monkeypatch.setattr)
 
 
 def scripted_scores(monkeypatch, scores: dict[int, float]) -> None:
@@ -143,7 +143,6 @@ def test_crash_between_the_epoch_end_writes_keeps_best_pth(data, tmp_path, monke
     crash_at_save(monkeypatch, n)
     with pytest.raises(Crash):
         fit(make_config(data, out, checkpoint_every_steps=2))
-    monkeypatch.delenv("SIMVG_FAULT_KILL_DURING_SAVE")
     result = fit(make_config(data, out, checkpoint_every_steps=2), resume=True)
     assert (result["step"], result["best_metric"]) == (8, 80.0)
     assert (out / "best.pth").is_file(), "best.pth lost by a crash between the epoch-end writes"
@@ -153,14 +152,15 @@ def test_crash_between_the_epoch_end_writes_keeps_best_pth(data, tmp_path, monke
 
 @pytest.mark.slow  # two subprocesses, each paying the torch import
 def test_killed_between_the_epoch_end_writes_keeps_best_pth(data, tmp_path):
-    """The issue's reproduction with the real fault hook (SIGKILL), then ``simvg train --resume``."""
+    """The issue's reproduction with a real SIGKILL (``tests/kill_during_save.py``), then ``simvg train --resume``."""
     out = tmp_path / "run"
     cfg = write_config(make_config(data, out, checkpoint_every_steps=2), tmp_path / "cfg.yaml")
-    cmd = [sys.executable, "-m", "simvg", "train", str(cfg)]
-    env = {**os.environ, "SIMVG_FAULT_KILL_DURING_SAVE": "4"}  # the second of the two epoch-0 writes
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    proc = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # killed in the second of the two epoch-0 writes
+    cmd = [sys.executable, "tests/kill_during_save.py", "4", "train", str(cfg)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    cmd = [sys.executable, "-m", "simvg", "train", str(cfg), "--resume"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = load_checkpoint(out / "last.pth")
     assert last["best_metric"] is not None
@@ -512,7 +512,6 @@ def test_metrics_jsonl_has_each_step_once_after_a_resume(data, tmp_path, monkeyp
         fit(make_config(data, out, checkpoint_every_steps=2))
     before = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "train"]
     assert before == [1, 2, 3, 4]
-    monkeypatch.delenv("SIMVG_FAULT_KILL_DURING_SAVE")
     fit(make_config(data, out, checkpoint_every_steps=2), resume=True)
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 9))

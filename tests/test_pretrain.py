@@ -137,7 +137,7 @@ def test_samples_are_a_function_of_the_index_and_links_follow_the_pieces(tokeniz
     real = (~a["pad"]).sum()
     assert a["ids"][0] == 0 and a["ids"][real - 1] == 2 and a["links"][0] == NO_OBJECT  # <s> ... </s>
     unmasked = torch.where(a["labels"] != IGNORE, a["labels"], a["ids"])
-    expected = [0] + [i for w in a["caption"].split() for i in tok.piece_ids(w)][:22] + [2]
+    expected = [0] + [i for w in a["caption"].split() for i in tok.piece_ids(w)] + [2]
     assert unmasked[:real].tolist() == expected
     assert (a["labels"] != IGNORE).sum() == (a["ids"] == tok.vocab_size - 1).sum()
     assert a["coverage"].shape == (8, 16) and a["coverage"].sum(0).max() <= 1.0 + 1e-6
@@ -148,7 +148,7 @@ def test_samples_are_a_function_of_the_index_and_links_follow_the_pieces(tokeniz
 def _config(tmp_path, tokenizer, steps: int) -> str:
     cfg = {
         "encoder": {"preset": "simvg_tiny_test", "overrides": {"encoder.vocab_size": 64}},
-        "data": {"tokenizer": str(tokenizer), "max_tokens": 16, "val_samples": 4, "max_objects": 3},
+        "data": {"tokenizer": str(tokenizer), "max_tokens": 32, "val_samples": 4, "max_objects": 3},
         "train": {"output_dir": str(tmp_path / "run"), "device": "cpu", "batch_size": 2, "max_steps": steps,
                   "warmup": 2, "checkpoint_every_steps": 2, "eval_every_steps": 2, "log_every_steps": 1},
     }  # fmt: skip
@@ -173,6 +173,19 @@ def test_pretrain_resumes_exactly_and_its_encoder_loads_into_simvg(tmp_path, tok
     report = load_beit3_pretrained(encoder, whole / "beit3.pth")
     assert "encoder.embed_positions.A.weight" in report.resized and not report.ignored
     assert torch.equal(encoder.text_embed.weight, a["model"]["beit3.text_embed.weight"])
+
+
+def test_a_first_phrase_longer_than_the_text_budget_is_an_error_not_cut(tokenizer):
+    """Eight positions hold <s>, </s> and six pieces; SynthRef's first phrase ("a large green square on the top
+    left") often needs more. Cutting it would teach words without their object; the sample must refuse instead."""
+    tok = BEiT3Tokenizer(tokenizer, max_len=8)
+    data = CaptionScenes(CaptionData(tokenizer=str(tokenizer), max_tokens=8), tok, 64, 16, stream=0)
+    lengths = []
+    with pytest.raises(UserError, match=r"data.max_tokens 8 cannot hold the caption .* raise data.max_tokens"):
+        for index in range(200):
+            sample = data[index]
+            lengths.append(int((~sample["pad"]).sum()))
+    assert all(n <= 8 for n in lengths)  # every sample before the refusal fitted whole
 
 
 def test_bad_pretrain_configs_are_one_line(tmp_path, tokenizer, capsys):

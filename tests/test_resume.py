@@ -11,8 +11,9 @@ import torch
 from engine_data import make_config, make_dataset, write_config
 
 from simvg.cli import main
+from simvg.data.loaders import ResumableSampler
 from simvg.engine import train
-from simvg.engine.train import ResumableSampler, fit
+from simvg.engine.train import fit
 from simvg.utils.checkpoint import load_checkpoint
 from simvg.utils.logging import read_metrics
 
@@ -73,9 +74,9 @@ def test_stop_mid_epoch_and_resume_matches_uninterrupted(data, reference, tmp_pa
 def test_killed_during_checkpoint_write_resumes_from_previous(data, reference, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(make_config(data, out, ema=True, checkpoint_every_steps=2), tmp_path / "cfg.yaml")
-    env = {**os.environ, "SIMVG_FAULT_KILL_DURING_SAVE": "2"}  # the second save is the one at step 4
-    cmd = [sys.executable, "-m", "simvg", "train", str(cfg)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    # killed during the second checkpoint save, the one at step 4 (tests/kill_during_save.py holds the hook)
+    cmd = [sys.executable, os.path.join(REPO, "tests", "kill_during_save.py"), "2", "train", str(cfg)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert load_checkpoint(out / "last.pth")["step"] == 2  # the previous checkpoint, intact
     assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the torn write stayed in its temporary file

@@ -124,16 +124,18 @@ def test_timeout_answers_504_and_the_server_recovers(grounder):
 
 
 def test_full_queue_answers_503_at_once(grounder):
-    app = create_app(SlowGrounder(grounder, 0.5), ServeLimits(queue_size=1))
+    app = create_app(SlowGrounder(grounder, 2.0), ServeLimits(queue_size=1))
     with running_server(app) as url:
         first = threading.Thread(target=lambda: httpx.post(f"{url}/api/ground", files={"image": png()},
                                                            data={"text": "a"}, timeout=30))  # fmt: skip
         first.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10  # wait until the first request holds the only slot (a loaded CI is slow)
+        while httpx.get(f"{url}/healthz").json()["queue"]["pending"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
         start = time.monotonic()
         busy = httpx.post(f"{url}/api/ground", files={"image": png()}, data={"text": "a"}, timeout=30)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
-        assert time.monotonic() - start < 0.4
+        assert time.monotonic() - start < 1.0  # at once, not after the first request's 2 s
         first.join()
 
 

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
+from PIL import Image
 
 from simvg.data.formats import SPECS, get_spec, is_grec_entry, read_json
 from simvg.data.safe_pickle import fix_latin1, safe_load
@@ -278,10 +282,6 @@ def _transvg_item(item: Any, xyxy: bool, where: str) -> tuple[str, Any, list[flo
 
 
 def _load_pth(path: Path) -> list[Any]:
-    import pickle
-
-    import torch
-
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
@@ -296,8 +296,6 @@ def _image_size(images: str | None, file_name: str, cache: dict[str, tuple[int, 
     if images is None:
         return {}
     if file_name not in cache:
-        from PIL import Image
-
         try:
             with Image.open(Path(images) / file_name) as im:
                 cache[file_name] = im.size

@@ -1,4 +1,4 @@
-"""Grounding datasets over the ``instances.json`` layout, and their data loaders.
+"""Grounding datasets over the ``instances.json`` layout (their loaders: ``simvg.data.loaders``).
 
 Sampling follows SeqTR/SimVG (docs/design.md O4.1, P4.4): a *train* item is one entry (one referred object for
 REC, one image for GREC train files) and one of its expressions is drawn on every visit; an *eval* item is one
@@ -13,7 +13,6 @@ carries ``skipped`` (how many bad items were passed over to produce it), which s
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 from dataclasses import replace
@@ -23,10 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import Dataset
 
 from simvg.config import DataConfig
-from simvg.data.collate import collate
 from simvg.data.formats import (
     BadEntry,
     DatasetSpec,
@@ -39,6 +37,7 @@ from simvg.data.formats import (
     read_json,
 )
 from simvg.data.image_io import load_image
+from simvg.data.tokenizer import BEiT3Tokenizer
 from simvg.data.transforms import (
     Pipeline,
     Sample,
@@ -229,85 +228,9 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, tokenizer: Tokenizer
     return GroundingDataset(records, transform, tokenizer, train, split, seed, cfg.skip_bad, stats)
 
 
-def build_tokenizer(cfg: DataConfig) -> Any:
-    """``BEiT3Tokenizer`` for ``cfg`` (imported here so the data module does not need it at import time)."""
-    from simvg.data.tokenizer import BEiT3Tokenizer
-
+def build_tokenizer(cfg: DataConfig) -> BEiT3Tokenizer:
+    """``BEiT3Tokenizer`` for ``cfg`` (``data.tokenizer``, else ``root/tokenizer.spm``)."""
     path = tokenizer_path(cfg)
     if not path.is_file():
         raise UserError(f"{path}: tokenizer model not found (set data.tokenizer)")
     return BEiT3Tokenizer(str(path), max_len=cfg.max_tokens)
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of the dataset drawn from (seed, epoch): reproducible, and different every epoch."""
-
-    def __init__(self, length: int, seed: int = 0) -> None:
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.length).tolist())
-
-    def __len__(self) -> int:
-        return self.length
-
-
-class ShardSampler(Sampler[int]):
-    """Eval sharding without padding: rank r gets indices r, r + world, ... (every sample exactly once overall;
-    ``DistributedSampler`` would duplicate samples to even the shards out, docs/design.md B12)."""
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def build_loader(
-    dataset: GroundingDataset,
-    batch_size: int,
-    train: bool,
-    distributed: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A ``DataLoader`` yielding ``Batch``; call ``set_epoch(loader, epoch)`` before each training epoch."""
-    if distributed:
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        sampler: Sampler[int] = (
-            DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=False)
-            if train
-            else ShardSampler(len(dataset), rank, world)
-        )
-    else:
-        sampler = EpochShuffleSampler(len(dataset), seed) if train else SequentialSampler(dataset)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        drop_last=False,
-        persistent_workers=False,  # workers are re-forked each epoch, so they see the dataset's new epoch
-    )
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Set the epoch of the loader's sampler and dataset (shuffle order, expression draw, augmentation)."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
-
-
-def steps_per_epoch(dataset: GroundingDataset, batch_size: int, world_size: int = 1) -> int:
-    """Batches per rank per epoch (drop_last=False)."""
-    return math.ceil(math.ceil(len(dataset) / world_size) / batch_size)

@@ -20,14 +20,12 @@ import io
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sentencepiece as spm
+import torch
+from torch import Tensor
 
 from simvg.errors import UserError
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # sentencepiece ids of the reserved pieces in an XLM-R-layout model; id 3 is the first real piece
@@ -66,8 +64,6 @@ class BEiT3Tokenizer:
 
     def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Encode a batch: returns ids [B, L] long and pad_mask [B, L] bool (True = pad), L = ``max_len``."""
-        import torch
-
         if isinstance(texts, str):
             raise TypeError("BEiT3Tokenizer expects a list of strings; use encode_one for a single string")
         rows = [self._ids(t) for t in texts]
@@ -115,6 +111,19 @@ class BEiT3Tokenizer:
                 start, end = char_at_byte[p.begin], char_at_byte[p.end]
             out.append((p.piece, _to_beit3_id(p.id), (start, end)))
         return out
+
+
+VOCAB_ADVICE = "set model.overrides.encoder.vocab_size to at least {ids}"
+
+
+def check_vocab(rows: int, tokenizer: BEiT3Tokenizer, advice: str = VOCAB_ADVICE) -> None:
+    """The model's text embedding (``rows`` ids) must have a row for every id ``tokenizer`` can produce; otherwise a
+    ``UserError`` naming the tokenizer ends with ``advice`` (``{ids}``: the tokenizer's id count)."""
+    if tokenizer.vocab_size > rows:
+        raise UserError(
+            f"{tokenizer.path}: {tokenizer.vocab_size} token ids but the model's text embedding has {rows} rows; "
+            + advice.format(ids=tokenizer.vocab_size)
+        )
 
 
 def _to_beit3_id(spm_id: int) -> int:

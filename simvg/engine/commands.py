@@ -13,9 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simvg.artifact import load_artifact, resolve
 from simvg.config import Config, config_from_dict, load_config
+from simvg.data.datasets import build_dataset, build_tokenizer, dataset_task, resolve_paths
+from simvg.data.loaders import eval_loader
+from simvg.data.tokenizer import check_vocab
+from simvg.engine.evaluate import evaluate
+from simvg.engine.train import NonFiniteLossError, fit
 from simvg.errors import UserError
+from simvg.inference.quantize import precision_arguments, set_threads
 from simvg.utils import dist
+from simvg.utils.checkpoint import atomic_write_bytes, load_checkpoint
 
 
 def run_arguments(parser: argparse.ArgumentParser, configs: str) -> None:
@@ -34,8 +42,6 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from simvg.engine.train import NonFiniteLossError, fit
-
     overrides = list(args.overrides) + ([f"train.output_dir={args.output}"] if args.output else [])
     if args.output and _given(args.overrides, "train.output_dir"):
         print(f"simvg train: --output {args.output} wins over --set train.output_dir", file=sys.stderr)
@@ -72,8 +78,6 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the metrics as one JSON object (with --split all: one object per split, keyed "
                              "by split)")  # fmt: skip
-    from simvg.inference.quantize import precision_arguments
-
     precision_arguments(parser, compile=False)
 
 
@@ -186,11 +190,6 @@ def match_model(cfg: Config, loaded: Any, overrides: list[str]) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from simvg.artifact import load_artifact
-    from simvg.data.datasets import build_dataset, build_tokenizer, dataset_task, resolve_paths
-    from simvg.engine.evaluate import evaluate
-    from simvg.engine.train import check_vocab, eval_loader
-
     path = Path(args.checkpoint)
     stored = None
     if path.suffix == ".pth" or (path.is_dir() and not (path / "model.safetensors").is_file()):
@@ -198,8 +197,6 @@ def eval_command(args: argparse.Namespace) -> int:
     cfg = eval_config(path, args.config, args.overrides, stored)
     info = dist.init_distributed(cfg.train.device)
     try:
-        from simvg.inference.quantize import set_threads
-
         set_threads(eval_threads(args, cfg))
         loaded = load_artifact(path, weights=args.weights, device=info.device, tokenizer=args.tokenizer,
                                precision=args.precision)  # fmt: skip
@@ -243,17 +240,12 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def _stored_config(path: Path) -> dict[str, Any] | None:
     """The config inside a 'simvg train' checkpoint (or a run folder's), None for any other file."""
-    from simvg.artifact import resolve
-    from simvg.utils.checkpoint import load_checkpoint
-
     obj = load_checkpoint(resolve(path))
     return obj["config"] if isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict) else None
 
 
 def write_dump(path: Path, records: list[dict[str, Any]]) -> None:
     """One JSON line per expression, written atomically; an unwritable place is a UserError naming it."""
-    from simvg.utils.checkpoint import atomic_write_bytes
-
     text = "".join(json.dumps(record) + "\n" for record in records)
     try:
         atomic_write_bytes(text.encode("utf-8"), path)

@@ -1,10 +1,16 @@
-"""``simvg plot RUN_DIR``: loss and validation curves of a run, drawn from its ``metrics.jsonl`` (matplotlib, Agg)."""
+"""``simvg plot RUN_DIR``: loss and validation curves of a run, drawn from its ``metrics.jsonl`` (matplotlib).
+
+The figure is a bare ``matplotlib.figure.Figure`` (PNG through the Agg canvas): no pyplot, so no GUI backend is
+chosen and no global figure state is touched.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
+
+from matplotlib.figure import Figure
 
 from simvg.errors import UserError
 from simvg.utils.logging import read_metrics
@@ -27,11 +33,6 @@ def series(records: list[dict[str, Any]], event: str, key: str, x: str = "step")
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw training loss terms (left) and validation metrics (right) against the step; returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found (is {run_dir} a training output folder?)")
@@ -43,7 +44,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
                        if "/" in k and "/num_" not in k and not k.endswith("/score")})  # fmt: skip
     if not loss_keys:
         raise UserError(f"{path}: no training records yet")
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax_loss, ax_val = fig.subplots(1, 2)
     for key in loss_keys:
         ax_loss.plot(*series(records, "train", key), label=key, linewidth=1.2 if key == "loss" else 0.8)
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
@@ -58,7 +60,6 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     out = out or run_dir / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 

@@ -13,6 +13,11 @@ With ``--int8`` the verified fp32 graph is then quantised by ONNX Runtime's own 
 weight, activations quantised per call), the file's metadata records ``precision: int8``, and the int8 graph is run
 on the same batch: its max difference from fp32 PyTorch is printed, and over ``INT8_TOLERANCE`` it is an error.
 
+Every file is written atomically: the graph is built, checked (and quantised) in a temporary folder beside ``--out``
+and only then renamed over it, so a failed export (a parity error, a crash, a full disk) leaves an earlier file at
+``--out`` as it was; ``model.yaml`` and ``tokenizer.spm`` follow only after the graph is in place. A folder that
+cannot be written is a one-line error naming the file.
+
 We use the TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``, while the dynamo exporter would
 add ``onnxscript`` as a dependency.
 """
@@ -23,6 +28,8 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -34,7 +41,7 @@ from torch import Tensor, nn
 
 from simvg.artifact import SPEC_FILE, TOKENIZER_FILE, load_artifact, spec_to_dict
 from simvg.errors import UserError
-from simvg.utils.checkpoint import atomic_write_bytes
+from simvg.utils.checkpoint import atomic_write_bytes, write_error
 
 OPSET = 17
 TOLERANCE = 1e-4
@@ -116,6 +123,39 @@ def _without_preprocessing_hint() -> Iterator[None]:
         root.removeFilter(keep)
 
 
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` (the same file system, so a finished file is renamed into place),
+    removed afterwards with whatever it still holds; ``WriteError`` naming ``out`` when it cannot be made."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(staged: Path, out: Path) -> None:
+    """Rename the finished ``staged`` file over ``out`` durably (its data fsynced first, then the folder); an
+    ``OSError`` is a ``WriteError`` naming ``out``. The file keeps the mode it was created with (0666 less the umask:
+    ``onnx.save`` opens it as any file)."""
+    try:
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, out)
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    with contextlib.suppress(OSError):  # makes the rename durable; some platforms cannot open a folder
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def max_difference(module: BranchModel, out: Path, inputs: tuple[Tensor, ...]) -> float:
     """Largest absolute difference between ONNX Runtime and eager PyTorch over both outputs."""
     import onnxruntime as ort
@@ -154,34 +194,36 @@ def export_onnx(
     module = BranchModel(loaded.model, branch).eval()
     size = loaded.spec.preprocess.image_size
     tok = BEiT3Tokenizer(loaded.tokenizer, max_len=loaded.spec.preprocess.max_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fp32 = out.with_name(f".{out.stem}.fp32.onnx") if int8 else out
-    try:
-        difference = _export_checked(module, tok, size, fp32)
+    with _staging(out) as staging:
+        graph = staging / out.name  # checked (and quantised) here; ``out`` sees only a finished graph
+        difference = _export_checked(module, tok, size, staging / "fp32.onnx", out)
         if int8:
-            quantize_graph(fp32, out)
-    finally:
-        if int8:
-            fp32.unlink(missing_ok=True)
+            quantize_graph(staging / "fp32.onnx", graph)
+            difference = max_difference(module, graph, example_inputs(tok, size, PARITY_TEXTS))
+            if not difference <= INT8_TOLERANCE:
+                raise UserError(f"{out}: int8 ONNX and fp32 PyTorch outputs differ by {difference:.2e} "
+                                f"(> {INT8_TOLERANCE:g}): the quantised graph is broken")  # fmt: skip
+        else:
+            (staging / "fp32.onnx").rename(graph)
+        _publish(graph, out)
     spec = dataclasses.replace(loaded.spec, branch=branch, tokenizer=TOKENIZER_FILE)
     atomic_write_bytes(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode("utf-8"), out.parent / SPEC_FILE)
     if loaded.tokenizer.resolve() != (out.parent / TOKENIZER_FILE).resolve():
         atomic_write_bytes(loaded.tokenizer.read_bytes(), out.parent / TOKENIZER_FILE)
-    if int8:
-        difference = max_difference(module, out, example_inputs(tok, size, PARITY_TEXTS))
-        if not difference <= INT8_TOLERANCE:
-            raise UserError(f"{out}: int8 ONNX and fp32 PyTorch outputs differ by {difference:.2e} "
-                            f"(> {INT8_TOLERANCE:g}): the quantised graph is broken")  # fmt: skip
     return out, difference
 
 
 PARITY_TEXTS = ["the second circle from the left", "x", "a very long expression " * 4]
 
 
-def _export_checked(module: BranchModel, tok, size: int, out: Path) -> float:
-    """Write the fp32 graph of ``module`` to ``out`` and check it against eager PyTorch (batch 3); the difference."""
-    _write_graph(module, example_inputs(tok, size, ["the left one", "a red circle"]), out)
-    difference = max_difference(module, out, example_inputs(tok, size, PARITY_TEXTS))
+def _export_checked(module: BranchModel, tok, size: int, path: Path, out: Path) -> float:
+    """Write the fp32 graph of ``module`` to ``path`` and check it against eager PyTorch (batch 3); the difference.
+    Errors name ``out``, the file being made."""
+    try:
+        _write_graph(module, example_inputs(tok, size, ["the left one", "a red circle"]), path)
+    except OSError as exc:  # a full disk while writing the graph
+        raise write_error(out, exc) from None
+    difference = max_difference(module, path, example_inputs(tok, size, PARITY_TEXTS))
     if not difference <= TOLERANCE:
         raise UserError(f"{out}: ONNX and PyTorch outputs differ by {difference:.2e} (> {TOLERANCE:g})")
     return difference

@@ -38,6 +38,9 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD,
                         help="GREC: keep boxes scoring at least this")  # fmt: skip
+    parser.add_argument("--confidence", action="store_true", default=None,
+                        help="report the branch-agreement confidence also when the token branch answers (runs the "
+                             "decoder too); without it, only when the decoder answers")  # fmt: skip
     precision_arguments(parser)
 
 
@@ -48,7 +51,7 @@ def load_grounder(args: argparse.Namespace, **limits: int):
     grounder = Grounder.from_checkpoint(
         args.checkpoint, device=args.device, branch=args.branch, tokenizer=args.tokenizer,
         score_threshold=args.score_threshold, weights=args.weights, precision=args.precision, threads=args.threads,
-        compile=args.compile,
+        compile=args.compile, confidence=getattr(args, "confidence", None),
         **limits,
     )  # fmt: skip
     for notice in grounder.notices:
@@ -63,15 +66,21 @@ def ground_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the image with the boxes drawn (PNG/JPEG)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--compare", action="store_true", help="with --out: draw token and decoder side by side")
+    parser.add_argument("--attention", default=None, metavar="OUT.png",
+                        help="write where the model looked: the object token's attention (token branch, left) "
+                             "and the decoder query's cross-attention (right), with each branch's box")  # fmt: skip
 
 
 def _describe(result) -> str:
     """Human-readable lines for one result."""
-    lines = [f"{result.text!r} ({result.task.upper()}, {result.branch} branch)"]
+    threshold = f", score threshold {result.score_threshold:g}" if result.score_threshold is not None else ""
+    lines = [f"{result.text!r} ({result.task.upper()}, {result.branch} branch{threshold})"]
     if result.no_target:
         lines.append("  no target: nothing scores above the threshold")
-    for box, score in zip(result.boxes, result.scores):
-        lines.append(f"  box x1={box[0]:.1f} y1={box[1]:.1f} x2={box[2]:.1f} y2={box[3]:.1f}  score {score:.3f}")
+    confidences = result.confidences if result.confidences is not None else [None] * len(result.boxes)
+    for box, score, conf in zip(result.boxes, result.scores, confidences):
+        agree = f"  confidence {conf:.2f} (branch agreement)" if conf is not None else ""
+        lines.append(f"  box x1={box[0]:.1f} y1={box[1]:.1f} x2={box[2]:.1f} y2={box[3]:.1f}  score {score:.3f}{agree}")
     lines += [f"  note: {w}" for w in result.warnings]
     if result.trained_on:
         lines.append(f"  model trained on: {result.trained_on}")
@@ -98,8 +107,11 @@ def ground_command(args: argparse.Namespace) -> int:
         raise UserError("--compare draws a picture: give --out OUT.png too")
     grounder = load_grounder(args)
     image = grounder.open_image(args.image)
-    result = grounder.ground(image, args.text)
+    result = grounder.ground(image, args.text, attention=bool(args.attention))
     print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else _describe(result))
+    if args.attention:
+        _save_image(result.draw_attention(image), args.attention)
+        print(f"wrote {args.attention}", file=sys.stderr)
     if args.out:
         if args.compare:
             other = grounder.ground(image, args.text, branch="decoder" if result.branch == "token" else "token")
@@ -232,7 +244,8 @@ def coco_detections(record: dict) -> list[dict]:
     for entry in record["boxes"]:
         x1, y1, x2, y2 = entry["box"]
         bbox = [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
-        out.append({"image_id": image_id, "category_id": 1, "bbox": bbox, "score": entry["score"],
+        extra = {"confidence": entry["confidence"]} if "confidence" in entry else {}
+        out.append({"image_id": image_id, "category_id": 1, "bbox": bbox, "score": entry["score"], **extra,
                     "query_id": record["id"], "text": record["text"]})  # fmt: skip
     return out
 

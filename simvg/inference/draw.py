@@ -1,7 +1,9 @@
-"""Pictures of grounding results: boxes with the expression and score on the image, and a TB-versus-DB view.
+"""Pictures of grounding results: boxes with the expression and score on the image, a TB-versus-DB view, and
+attention heat maps.
 
-Pure Pillow. Labels sit on filled backgrounds in the box colour with black or white text (whichever contrasts
-more), so they stay readable on any photo. Font and line width scale with the image.
+Pillow, plus a matplotlib colour map for the heat maps. Labels sit on filled backgrounds in the box colour with black
+or white text (whichever contrasts more), so they stay readable on any photo. Font and line width scale with the
+image.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from simvg.errors import UserError
 
 if TYPE_CHECKING:
     from simvg.inference.grounder import GroundingResult
@@ -29,6 +34,10 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 GROUND_TRUTH_COLOUR = (255, 225, 25)
 MAX_LABEL_CHARS = 48
+HEAT_COLOURMAP = "turbo"  # matplotlib's improved "jet": blue (little attention) to red (most)
+HEAT_ALPHA = 0.55  # weight of the heat colours over the photo
+BRANCH_TITLES = {"token": "token branch (TB)", "decoder": "decoder branch (DB)"}
+MIN_PICTURE_SIDE = 384  # attention pictures of smaller images are enlarged (nearest neighbour) to stay legible
 
 
 def _font(image: Image.Image) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -107,16 +116,57 @@ def draw_result(
 
 def draw_comparison(image: Image.Image, token: GroundingResult, decoder: GroundingResult) -> Image.Image:
     """Token branch (left) and decoder branch (right) of the same query, side by side under titles."""
-    left, right = draw_result(image, token), draw_result(image, decoder)
-    font = _font(left)
-    probe = ImageDraw.Draw(left)
-    _, top, _, bottom = probe.textbbox((0, 0), "Tg", font=font)
+    return side_by_side([draw_result(image, token), draw_result(image, decoder)],
+                        ["token branch (TB)", "decoder branch (DB)"])  # fmt: skip
+
+
+def side_by_side(panels: Sequence[Image.Image], titles: Sequence[str]) -> Image.Image:
+    """Equal-sized ``panels`` left to right on a white canvas, each under its title."""
+    first = panels[0]
+    font = _font(first)
+    _, top, _, bottom = ImageDraw.Draw(first).textbbox((0, 0), "Tg", font=font)
     title_h = (bottom - top) * 2
-    gap = max(4, left.width // 50)
-    canvas = Image.new("RGB", (2 * left.width + gap, left.height + title_h), (255, 255, 255))
-    canvas.paste(left, (0, title_h))
-    canvas.paste(right, (left.width + gap, title_h))
+    gap = max(4, first.width // 50)
+    canvas = Image.new("RGB", (len(panels) * first.width + (len(panels) - 1) * gap, first.height + title_h), "white")
     draw = ImageDraw.Draw(canvas)
-    for x, title in ((0, "token branch (TB)"), (left.width + gap, "decoder branch (DB)")):
+    for k, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+        x = k * (first.width + gap)
+        canvas.paste(panel, (x, title_h))
         draw.text((x + gap, title_h // 4 - top), title, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def heat_overlay(image: Image.Image, values: np.ndarray) -> Image.Image:
+    """``image`` (RGB) under a heat map of ``values`` [H, W] (same size; e.g. ``AttentionMaps.maps[branch]``),
+    coloured by ``HEAT_COLOURMAP`` scaled to the map's own maximum and blended at ``HEAT_ALPHA``."""
+    from matplotlib import colormaps  # deferred: matplotlib's import is heavy and only heat maps need it
+
+    if values.shape != (image.height, image.width):
+        raise ValueError(f"map {values.shape} does not match the image ({image.height}, {image.width})")
+    peak = float(np.nanmax(values)) if values.size else 0.0
+    scaled = np.nan_to_num(values / peak, nan=0.0) if peak > 0 else np.zeros(values.shape, np.float32)
+    lut = (colormaps[HEAT_COLOURMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)  # [256, 3]
+    heat = Image.fromarray(lut[np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)], "RGB")
+    return Image.blend(image.convert("RGB"), heat, HEAT_ALPHA)
+
+
+def draw_attention(image: Image.Image, result: GroundingResult, branch: str | None = None) -> Image.Image:
+    """Where the model looked: per branch the heat map of ``result.attention`` over the image with that branch's
+    boxes; the token branch (left) and the decoder branch (right) side by side under titles, or only ``branch``.
+    Images under ``MIN_PICTURE_SIDE`` pixels are enlarged by a whole factor (maps and boxes with them)."""
+    maps = result.attention
+    if maps is None:
+        raise UserError("the result has no attention maps: ground with attention=True")
+    names = [branch] if branch else [b for b in ("token", "decoder") if b in maps.maps]
+    missing = [b for b in names if b not in maps.maps]
+    if missing:
+        raise UserError(f"no attention map for the {missing[0]} branch (it has: {', '.join(maps.maps) or 'none'})")
+    k = max(1, MIN_PICTURE_SIDE // max(image.size))
+    big = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST) if k > 1 else image
+    label = shorten(result.text)
+    panels = []
+    for name in names:
+        heat = np.repeat(np.repeat(maps.maps[name], k, axis=0), k, axis=1)
+        boxes = [[v * k for v in box] for box in maps.boxes.get(name, [])]
+        panels.append(draw_boxes(heat_overlay(big, heat), boxes, [label] * len(boxes)))
+    return side_by_side(panels, [BRANCH_TITLES[b] for b in names])

@@ -6,8 +6,16 @@ BEiT-3's ``beit3.spm``) and an ONNX file with its ``model.yaml`` and tokenizer b
 
 Post-processing is ``simvg.artifact.postprocess`` (the official demo's): REC (one query) returns that query without
 a threshold; GREC (several queries) keeps every query whose object probability reaches ``score_threshold`` (0.7),
-and an empty set is an explicit ``no_target``. There is no NMS. Only the requested branch runs (no decoder for
-"token", the fast path the official code lacks, B14); by default the branch the model's spec names answers.
+and an empty set is an explicit ``no_target``. There is no NMS. By default the branch the model's spec names answers.
+
+Confidence (``GroundingResult.confidences``): the agreement of the two branches, per reported box the IoU (in
+original pixels) with the best-matching box the other branch reports from the same forward pass (0 when it reports
+none); for REC simply IoU(token box, decoder box). The score cannot serve: REC training never pushes the one query
+towards "no object", so a REC score is ~1.00 for any input. Measured on fresh SynthRef scenes (docs/design.md S8),
+low agreement marks likely-wrong boxes. It costs nothing when the decoder answers
+(the token head is three small layers on the already computed object token); when the token branch answers it would
+run the decoder as well, which the token branch exists to skip (B14), so then it is computed only on request
+(``confidence=True``). ``attention=True`` also returns where each branch looked (``simvg.inference.attention``).
 """
 
 from __future__ import annotations
@@ -20,12 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 from simvg import artifact
 from simvg.data.collate import boxes_to_original
 from simvg.data.transforms import preprocess
 from simvg.errors import UserError
 from simvg.inference import loading, provenance
+from simvg.inference.attention import AttentionMaps, place_on_original
+from simvg.utils.box_ops import box_iou
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray  # an array: [H, W] or [H, W, 3|4], RGB(A) order
 BRANCHES = ("token", "decoder")
@@ -33,6 +44,7 @@ DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a decompression
 # No limit by default: a long expression is cut to the model's token budget and the result's warnings say so. The
 # server sets its own limit (simvg.serve.app.ServeLimits.max_text_chars).
 DEFAULT_MAX_TEXT_CHARS: int | None = None
+CONFIDENCE_METHOD = "branch_agreement"  # what a result's "confidence" is (see the module docstring)
 
 
 @dataclass
@@ -50,19 +62,31 @@ class GroundingResult:
     truncated: bool  # the expression was longer than the model's text length and was cut
     warnings: list[str] = field(default_factory=list)
     trained_on: str = ""  # the model's provenance (model.yaml), so that no answer hides what the model knows
+    # [K] per box: IoU with the other branch's best-matching box (module docstring); None when not computed
+    confidences: list[float] | None = None
+    score_threshold: float | None = None  # GREC: the object probability a box needed; None for REC (no threshold)
+    attention: AttentionMaps | None = None  # where each branch looked, when asked for (ground(..., attention=True))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (boxes rounded to 0.01 px, scores to 1e-4)."""
+        """A JSON-ready dict (boxes rounded to 0.01 px, scores and confidences to 1e-4). Each box carries its
+        ``confidence`` and the dict ``"confidence_method": "branch_agreement"`` when the confidence was computed;
+        ``score_threshold`` is the GREC threshold applied (null for REC). Attention maps are not included."""
+        boxes = [{"box": [round(float(v), 2) for v in box], "score": round(float(s), 4)}
+                 for box, s in zip(self.boxes, self.scores)]  # fmt: skip
+        extra: dict[str, Any] = {}
+        if self.confidences is not None:
+            for entry, c in zip(boxes, self.confidences):
+                entry["confidence"] = round(float(c), 4)
+            extra["confidence_method"] = CONFIDENCE_METHOD
         return {
             "text": self.text,
             "task": self.task,
             "branch": self.branch,
+            "score_threshold": self.score_threshold,
             "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
             "no_target": self.no_target,
-            "boxes": [
-                {"box": [round(float(v), 2) for v in box], "score": round(float(s), 4)}
-                for box, s in zip(self.boxes, self.scores)
-            ],
+            "boxes": boxes,
+            **extra,
             "num_tokens": self.num_tokens,
             "truncated": self.truncated,
             "warnings": list(self.warnings),
@@ -76,6 +100,17 @@ class GroundingResult:
         if isinstance(image, np.ndarray):
             image = array_to_image(image)
         return draw_result(loading.open_rgb(image, max_pixels=2**62), self)  # EXIF-rotated, as when grounded
+
+    def draw_attention(self, image: Any, branch: str | None = None) -> Image.Image:
+        """``image`` with where the model looked (``ground(..., attention=True)``): both branches side by side, or
+        only ``branch``'s map; each with that branch's boxes."""
+        from simvg.inference.draw import draw_attention
+
+        if self.attention is None:
+            raise UserError("this result has no attention maps: ground with attention=True")
+        if isinstance(image, np.ndarray):
+            image = array_to_image(image)
+        return draw_attention(loading.open_rgb(image, max_pixels=2**62), self, branch)
 
 
 def array_to_image(array: np.ndarray) -> Image.Image:
@@ -124,7 +159,10 @@ class Grounder:
         source: str = "",
         notices: list[str] | None = None,
         threads: int | None = None,
+        confidence: bool | None = None,
     ) -> None:
+        """``confidence``: True computes the branch agreement for every answer, False never, None (auto) whenever
+        that costs no extra run of the decoder (the decoder answers)."""
         from simvg.inference.quantize import set_threads
 
         set_threads(threads)  # torch's intra-op threads (None: as they are); process-wide
@@ -137,6 +175,7 @@ class Grounder:
         self.max_text_chars = max_text_chars
         self.source = source
         self.notices = list(notices or [])  # what loading the model had to say (e.g. an official file's settings)
+        self.confidence = confidence
 
     @classmethod
     def from_checkpoint(
@@ -153,6 +192,7 @@ class Grounder:
         precision: str | None = None,
         threads: int | None = None,
         compile: bool = False,
+        confidence: bool | None = None,
     ) -> Grounder:
         """Load a model; ``path=None`` is the embedded default. An ``.onnx`` path implies ``backend="onnx"``.
 
@@ -161,7 +201,8 @@ class Grounder:
         ``precision`` "int8": dynamic int8 on the CPU (PyTorch), or an ONNX graph exported with ``--int8``; "fp32" or
         None: the model as stored. ``threads``: intra-op threads of torch and ONNX Runtime (None: unchanged).
         ``compile``: an fp32 PyTorch model runs under ``torch.compile`` with freezing (each new batch size or branch
-        compiles first, minutes for ViT-B; then ~15% faster: for long-running services).
+        compiles first, minutes for ViT-B; then ~15% faster: for long-running services). ``confidence``: see
+        ``Grounder.__init__``.
         """
         if branch is not None and branch not in BRANCHES:
             raise UserError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
@@ -181,19 +222,35 @@ class Grounder:
             max_text_chars=max_text_chars,
             source=str(bundle.source),
             notices=bundle.notices,
+            confidence=confidence,
         )
 
-    def ground(self, image: ImageInput, text: str, branch: str | None = None) -> GroundingResult:
-        """Ground one expression in one image (path, encoded bytes or PIL image).
+    def ground(
+        self, image: ImageInput, text: str, branch: str | None = None, attention: bool = False
+    ) -> GroundingResult:
+        """Ground one expression in one image (path, encoded bytes, PIL image or numpy array).
 
-        ``branch`` overrides the grounder's branch for this call ("token" or "decoder").
+        ``branch`` overrides the grounder's branch for this call ("token" or "decoder"). ``attention``: also run
+        both branches and return where each looked (``result.attention``, ``result.draw_attention``); the boxes
+        are the same as without it. PyTorch models only.
         """
-        return self.ground_batch([image], [text], branch)[0]
+        return self.ground_batch([image], [text], branch, attention)[0]
+
+    def branches_to_run(self, branch: str, attention: bool = False) -> tuple[str, ...]:
+        """The answering ``branch`` first, then the other one when the confidence or the attention maps need it."""
+        other = "token" if branch == "decoder" else "decoder"
+        if attention:
+            return branch, other
+        if self.confidence is False or other not in loading.runnable_branches(self.runner):
+            return (branch,)
+        if self.confidence is None and branch == "token":
+            return (branch,)  # auto: keep the token branch's fast path (no decoder)
+        return branch, other
 
     def ground_batch(
-        self, images: Sequence[ImageInput], texts: Sequence[str], branch: str | None = None
+        self, images: Sequence[ImageInput], texts: Sequence[str], branch: str | None = None, attention: bool = False
     ) -> list[GroundingResult]:
-        """Ground ``texts[i]`` in ``images[i]`` for every i, in one forward pass."""
+        """Ground ``texts[i]`` in ``images[i]`` for every i, in one forward pass (see ``ground``)."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts")
         branch = branch or self.branch
@@ -205,12 +262,20 @@ class Grounder:
         pils = [self.open_image(img) for img in images]
         tensors, metas = zip(*(preprocess(p, self.spec.preprocess) for p in pils))
         ids, pad_mask, infos = loading.tokenize(self.tokenizer, clean)
-        logits, boxes = self.runner(torch.stack(tensors), ids, pad_mask, branch)
-        detections = artifact.postprocess(logits, boxes, self.score_threshold)
-        return [
-            self._result(text, pil, meta, det, info, branch)
-            for text, pil, meta, det, info in zip(clean, pils, metas, detections, infos)
-        ]
+        run = loading.run_branches(self.runner, torch.stack(tensors), ids, pad_mask,
+                                   self.branches_to_run(branch, attention), attention)  # fmt: skip
+        detections = {b: artifact.postprocess(*out, self.score_threshold) for b, out in run.outputs.items()}
+        results = []
+        for i, (text, pil, meta, info) in enumerate(zip(clean, pils, metas, infos)):
+            result = self._result(text, pil, meta, detections[branch][i], info, branch)
+            others = {b: kept_original(d[i], meta) for b, d in detections.items() if b != branch}
+            if others:
+                result.confidences = agreement(torch.tensor(result.boxes).reshape(-1, 4), *others.values()).tolist()
+            if run.attention is not None:
+                boxes = {branch: result.boxes, **{b: v.tolist() for b, v in others.items()}}
+                result.attention = attention_maps(run.attention, i, meta, boxes, detections["decoder"][i])
+            results.append(result)
+        return results
 
     def open_image(self, image: ImageInput) -> Image.Image:
         """Decode a path, bytes, PIL image or numpy array into an RGB PIL image (EXIF-rotated, size-checked)."""
@@ -248,4 +313,34 @@ class Grounder:
             truncated=info["truncated"],
             warnings=notes,
             trained_on=self.spec.trained_on,
+            score_threshold=self.score_threshold if task == "grec" else None,
         )
+
+
+def kept_original(det: artifact.Detections, meta: dict) -> Tensor:
+    """A sample's reported boxes [K, 4] as xyxy original pixels, the non-finite ones left out (as in a result)."""
+    finite = torch.isfinite(det.kept_scores) & torch.isfinite(det.kept_boxes).all(-1)
+    return boxes_to_original(det.kept_boxes[finite], meta)
+
+
+def agreement(boxes: Tensor, other: Tensor) -> Tensor:
+    """Branch agreement: for each box [K, 4] (xyxy) its best IoU with ``other`` [M, 4]; 0 when ``other`` is empty.
+    REC (K = M = 1): IoU(token box, decoder box)."""
+    if boxes.shape[0] == 0 or other.shape[0] == 0:
+        return boxes.new_zeros(boxes.shape[0])
+    return box_iou(boxes.float(), other.float()).max(dim=1).values
+
+
+def attention_maps(
+    store: dict[str, Any], i: int, meta: dict, boxes: dict[str, list[list[float]]], decoder: artifact.Detections
+) -> AttentionMaps:
+    """Sample ``i`` of ``SimVG.capture_attention``'s record as per-branch grids and original-pixel maps; the decoder
+    map is that of the decoder's highest-scoring query."""
+    h, w = store["grid"]
+    query = int(torch.nan_to_num(decoder.scores, nan=-1.0).argmax())
+    grids = {"token": store["token"][i].reshape(h, w).numpy()}
+    if "decoder" in store:
+        grids["decoder"] = store["decoder"][i, query].reshape(h, w).numpy()
+    maps = {name: place_on_original(grid, meta) for name, grid in grids.items()}
+    share = float(store["token_patch_share"][i])
+    return AttentionMaps(grids, maps, boxes, token_patch_share=share, decoder_query=query)

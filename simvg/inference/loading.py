@@ -20,8 +20,20 @@ from torch import Tensor
 from simvg import artifact
 from simvg.errors import UserError
 
-# (images [B,3,S,S], text_ids [B,L], text_pad_mask [B,L], branch) -> (logits [B,Q,2], boxes [B,Q,4]) on CPU
+# (images [B,3,S,S], text_ids [B,L], text_pad_mask [B,L], branch) -> (logits [B,Q,2], boxes [B,Q,4]) on CPU.
+# A runner may also offer ``run`` (``RunOutput`` of several branches from one forward pass, optionally with the
+# attention maps) and ``branches`` (those it can run); ``run_branches`` uses them when present.
 Runner = Callable[[Tensor, Tensor, Tensor, str], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class RunOutput:
+    """One forward pass: per branch run (logits [B,Q,2], boxes [B,Q,4] cxcywh) on CPU, and on request the
+    attention ``SimVG.capture_attention`` records ("token" [B,N], "token_patch_share" [B], "decoder" [B,Q,N],
+    "grid" (h, w)), else None."""
+
+    outputs: dict[str, tuple[Tensor, Tensor]]
+    attention: dict[str, Any] | None = None
 
 
 @dataclass
@@ -40,10 +52,13 @@ class TorchRunner:
     """Runs the PyTorch model, only the requested branch, in inference mode; ``compile``: under ``torch.compile``
     with freezing (``simvg.models.beit3.compile_for_inference``)."""
 
+    branches = ("token", "decoder")
+
     def __init__(self, model: torch.nn.Module, device: torch.device, compile: bool = False) -> None:
         from simvg.models.beit3 import compile_for_inference
 
         self.model = model.eval().to(device)
+        self.eager = self.model  # attention capture hooks into the eager modules (a compiled graph has none)
         if compile:
             self.model = compile_for_inference(self.model)
         # Inductor's freezing applies under no_grad; eager runs take inference_mode (a little leaner)
@@ -51,9 +66,25 @@ class TorchRunner:
         self.device = device
 
     def __call__(self, images: Tensor, ids: Tensor, mask: Tensor, branch: str) -> tuple[Tensor, Tensor]:
+        return self.run(images, ids, mask, (branch,)).outputs[branch]
+
+    def run(
+        self, images: Tensor, ids: Tensor, mask: Tensor, branches: tuple[str, ...], attention: bool = False
+    ) -> RunOutput:
+        """``branches`` ("token", "decoder" or both) from one forward pass; ``attention``: also what
+        ``SimVG.capture_attention`` records (run eagerly; the outputs are the same as without it)."""
+        branch = branches[0] if len(set(branches)) == 1 else "both"
+        inputs = (images.to(self.device), ids.to(self.device), mask.to(self.device))
+        maps = None
         with self.grad_off():
-            out = self.model(images.to(self.device), ids.to(self.device), mask.to(self.device), branch=branch)
-        return out[branch]["pred_logits"].float().cpu(), out[branch]["pred_boxes"].float().cpu()
+            if attention:
+                with self.eager.capture_attention() as store:
+                    out = self.eager(*inputs, branch=branch)
+                maps = {k: v.float().cpu() if isinstance(v, Tensor) else v for k, v in store.items()}
+            else:
+                out = self.model(*inputs, branch=branch)
+        outputs = {b: (out[b]["pred_logits"].float().cpu(), out[b]["pred_boxes"].float().cpu()) for b in branches}
+        return RunOutput(outputs, maps)
 
 
 class OnnxRunner:
@@ -80,12 +111,41 @@ class OnnxRunner:
         self.precision = meta.get("precision", "fp32")  # "int8": written by 'simvg export onnx --int8'
         self.path = path
 
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return (self.branch,)
+
     def __call__(self, images: Tensor, ids: Tensor, mask: Tensor, branch: str) -> tuple[Tensor, Tensor]:
         if branch != self.branch:
             raise UserError(f"{self.path} holds the {self.branch} branch only; export the {branch} branch too")
         feeds = {"image": images.float().numpy(), "text_ids": ids.long().numpy(), "text_pad_mask": mask.numpy()}
         logits, boxes = self.session.run(["logits", "boxes"], feeds)
         return torch.from_numpy(logits), torch.from_numpy(boxes)
+
+    def run(
+        self, images: Tensor, ids: Tensor, mask: Tensor, branches: tuple[str, ...], attention: bool = False
+    ) -> RunOutput:
+        """The one exported branch (``branches`` must name only it); an exported graph records no attention."""
+        if attention:
+            raise UserError(f"{self.path}: attention maps need the PyTorch model, not an exported ONNX graph")
+        return RunOutput({b: self(images, ids, mask, b) for b in dict.fromkeys(branches)})
+
+
+def runnable_branches(runner: Runner) -> tuple[str, ...]:
+    """The branches ``runner`` can run: its ``branches`` attribute, else (a plain callable) both."""
+    return tuple(getattr(runner, "branches", ("token", "decoder")))
+
+
+def run_branches(
+    runner: Runner, images: Tensor, ids: Tensor, mask: Tensor, branches: tuple[str, ...], attention: bool = False
+) -> RunOutput:
+    """``branches`` through ``runner``: one forward pass for runners with ``run``; a plain callable is called once
+    per branch and records no attention."""
+    if hasattr(runner, "run"):
+        return runner.run(images, ids, mask, branches, attention)
+    if attention:
+        raise UserError("attention maps need the PyTorch model runner")
+    return RunOutput({b: runner(images, ids, mask, b) for b in dict.fromkeys(branches)})
 
 
 def open_rgb(image: str | Path | bytes | Image.Image, max_pixels: int) -> Image.Image:

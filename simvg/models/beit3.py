@@ -220,19 +220,42 @@ class MultiwayAttention(nn.Module):
             return F.linear(h, *self.fused_qkv_weight(expert))
         return torch.cat([getattr(getattr(self, name), expert)(h) for name in ("q_proj", "k_proj", "v_proj")], dim=-1)
 
-    def forward(self, hv: Tensor | None, ht: Tensor | None, attn_mask: Tensor | None) -> Pair:
-        """``attn_mask`` [B, 1, 1, S] bool, True = attend (key padding only); returns the two parts after out_proj."""
+    def _heads(self, hv: Tensor | None, ht: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, H, S, hd] of the joint sequence ``[vision | text]`` (S = vision + text tokens)."""
         parts = [self._qkv(h, e) for h, e in ((hv, "A"), (ht, "B")) if h is not None]
         qkv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         batch, seq, width3 = qkv.shape
         dim = width3 // 3
         q, k, v = qkv.view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(self, hv: Tensor | None, ht: Tensor | None, attn_mask: Tensor | None) -> Pair:
+        """``attn_mask`` [B, 1, 1, S] bool, True = attend (key padding only); returns the two parts after out_proj."""
+        q, k, v = self._heads(hv, ht)
+        batch, heads, seq, head_dim = q.shape
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, S, hd]
-        out = out.transpose(1, 2).reshape(batch, seq, dim)
+        out = out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
         n_vision = 0 if hv is None else hv.shape[1]
         ov = out[:, :n_vision] if hv is not None else None
         ot = out[:, n_vision:] if ht is not None else None
         return self.out_proj(*self.inner_attn_ln(ov, ot))
+
+    def attention_scores(self, hv: Tensor | None, ht: Tensor | None, attn_mask: Tensor | None, rows: slice) -> Tensor:
+        """The softmax input of ``forward`` for the query positions ``rows`` of the joint sequence: fp32 logits
+        [B, H, R, S] (q.k scaled by head_dim^-0.5, keys that ``attn_mask`` hides at -inf). Not used by ``forward``
+        (whose fused kernel never materialises them); for attention maps (``simvg.models.simvg.capture_attention``).
+        """
+        q, k, _ = self._heads(hv, ht)
+        q = q[:, :, rows].float()
+        scores = q @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores
+
+    def attention_probs(self, hv: Tensor | None, ht: Tensor | None, attn_mask: Tensor | None, rows: slice) -> Tensor:
+        """The attention probabilities [B, H, R, S] of the query positions ``rows`` over every key (each row sums to
+        1): what ``forward`` weights the values with, recomputed in fp32."""
+        return self.attention_scores(hv, ht, attn_mask, rows).softmax(-1)
 
 
 def _layer_norms(dim: int, eps: float) -> Multiway:

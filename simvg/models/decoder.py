@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simvg.models.layers import (
@@ -23,6 +24,28 @@ from simvg.models.layers import (
 NUM_LOGITS = 2  # index 0 = object, index 1 = "no object" (DETR's num_classes + 1 with one class)
 TEXT_POOLS = ("max", "official")
 TEXT_POSITIONS = ("sine", "official")
+
+
+def cross_attention_scores(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, pad_mask: Tensor | None) -> Tensor:
+    """The softmax input of ``attn(query, key, value, key_padding_mask=pad_mask)`` (batch-first, equal q/k/v widths):
+    fp32 logits [B, H, Q, N] (projected q.k scaled by head_dim^-0.5, padded keys at -inf). For attention maps
+    (``simvg.models.simvg.capture_attention``); the forward pass never materialises them."""
+    dim, heads = attn.embed_dim, attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    bias_q, bias_k = (None, None) if bias is None else (bias[:dim], bias[dim : 2 * dim])
+    q = F.linear(query, weight[:dim], bias_q)  # [B, Q, D]; in_proj rows are q, k, v in that order
+    k = F.linear(key, weight[dim : 2 * dim], bias_k)  # [B, N, D]
+    q = q.unflatten(-1, (heads, dim // heads)).transpose(1, 2).float()  # [B, H, Q, hd]
+    k = k.unflatten(-1, (heads, dim // heads)).transpose(1, 2).float()  # [B, H, N, hd]
+    scores = q @ k.transpose(-1, -2) * (dim // heads) ** -0.5
+    if pad_mask is not None:
+        scores = scores.masked_fill(pad_mask.bool()[:, None, None, :], float("-inf"))
+    return scores
+
+
+def cross_attention_probs(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, pad_mask: Tensor | None) -> Tensor:
+    """Attention probabilities [B, H, Q, N] of ``attn`` (each query's row sums to 1), recomputed in fp32."""
+    return cross_attention_scores(attn, query, key, pad_mask).softmax(-1)
 
 
 class DecoderLayer(nn.Module):

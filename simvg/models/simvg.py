@@ -9,19 +9,28 @@ Composition as in the official ``MIXDETRMB`` + ``TextGuidedQuerySelectKDDETRHead
     token branch:   MLP(o + q) -> logits and boxes  (runs without the decoder: branch="token" is the fast path)
 
 The model returns DETR's output dicts and nothing else: losses live in ``simvg.losses``, post-processing in
-``simvg.artifact.postprocess``.
+``simvg.artifact.postprocess``. ``SimVG.capture_attention`` records, on request only, where each branch looked.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from simvg.errors import UserError
 from simvg.models.beit3 import BEiT3, BEiT3Config
-from simvg.models.decoder import TEXT_POOLS, TEXT_POSITIONS, DecoderBranch, TextGuidedQueryGenerator
+from simvg.models.decoder import (
+    TEXT_POOLS,
+    TEXT_POSITIONS,
+    DecoderBranch,
+    TextGuidedQueryGenerator,
+    cross_attention_probs,
+)
 from simvg.models.layers import sine_position_2d
 from simvg.models.token_head import TokenBranch
 
@@ -116,6 +125,47 @@ class SimVG(nn.Module):
         if branch in ("both", "token"):
             out["token"] = self.token(obj, queries)
         return out
+
+    @contextlib.contextmanager
+    def capture_attention(self) -> Iterator[dict[str, Any]]:
+        """Record where the model looks in the forward passes run inside the block (for inference).
+
+        Yields a dict that each forward fills (batch-first; N = h * w patches, row-major as the patch tokens):
+        ``"token"`` [B, N]: the object token's (the vision [CLS]'s) attention over the image patches in the
+        encoder's last layer, mean over heads, renormalised over the patches (each row sums to 1);
+        ``"token_patch_share"`` [B]: the share of that attention the patches had before renormalising (the rest
+        went to the token itself and to the text); ``"decoder"`` [B, Q, N] (only when the decoder ran): each query's
+        cross-attention over the patches in the decoder's last layer, mean over heads (rows sum to 1);
+        ``"grid"``: (h, w).
+
+        Forward pre-hooks recompute the probabilities from the inputs of the two attention modules
+        (``MultiwayAttention.attention_probs``, ``cross_attention_probs``), so the forward pass and its outputs are
+        a plain call's, bit for bit; the hooks are removed when the block ends, and outside it nothing is added to
+        a forward pass.
+        """
+        store: dict[str, Any] = {"grid": self.encoder.grid_size}
+
+        def encoder_hook(module: nn.Module, args: tuple) -> None:
+            hv, ht, attn_mask = args
+            probs = module.attention_probs(hv, ht, attn_mask, slice(0, 1))[:, :, 0].mean(1)  # [B, S], CLS row
+            patches = probs[:, 1 : hv.shape[1]]  # [cls, patches..., text...]: keys 1..N are the patches
+            share = patches.sum(-1)
+            store["token"] = patches / share.clamp(min=torch.finfo(share.dtype).tiny)[:, None]
+            store["token_patch_share"] = share
+
+        def decoder_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            query, key = args[0], args[1]
+            store["decoder"] = cross_attention_probs(module, query, key, kwargs.get("key_padding_mask")).mean(1)
+
+        handles = [
+            self.encoder.encoder.layers[-1].self_attn.register_forward_pre_hook(encoder_hook),
+            self.decoder.decoder.layers[-1].cross_attn.register_forward_pre_hook(decoder_hook, with_kwargs=True),
+        ]
+        try:
+            yield store
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def project_patches(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
         """Patch tokens [B, N, C] -> Conv1x1 on the [B, C, h, w] grid -> memory [B, N, D] (row-major)."""

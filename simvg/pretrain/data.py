@@ -68,7 +68,12 @@ class CaptionScenes(Dataset):
         for pieces, link in zip(self.word_ids(caption.words), caption.links):
             ids += pieces
             links += [link] * len(pieces)
-        ids, links = ids[: budget + 1] + [EOS_ID], links[: budget + 1] + [NO_OBJECT]  # a first phrase too long
+        if len(ids) > budget + 1:  # only the first phrase can overflow: describe() adds no phrase that does not fit
+            raise UserError(
+                f"data.max_tokens {self.cfg.max_tokens} cannot hold the caption {caption.text!r} ({len(ids) + 1} "
+                "tokens with <s> and </s>); raise data.max_tokens"
+            )
+        ids, links = ids + [EOS_ID], links + [NO_OBJECT]
         labels = [IGNORE] * len(ids)
         for i, link in enumerate(links):
             if link != NO_OBJECT and rng.random() < self.cfg.mask_prob:

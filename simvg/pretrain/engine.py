@@ -18,10 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from simvg.config import dump_config, to_dict
+from simvg.config import config_changes, dump_config, to_dict
 from simvg.data.tokenizer import BEiT3Tokenizer
 from simvg.engine.optim import MultiStepLRWarmUp
-from simvg.engine.train import check_output_dir, config_changes, seed_everything
 from simvg.errors import UserError
 from simvg.models.beit3 import load_beit3_pretrained
 from simvg.pretrain.config import PretrainConfig
@@ -35,12 +34,14 @@ from simvg.utils.checkpoint import (
     atomic_write_bytes,
     load_checkpoint,
     load_model_state,
+    restore_rng,
     rng_state,
     save_checkpoint,
-    set_rng_state,
+    seed_everything,
     unwrap_model,
 )
 from simvg.utils.logging import Averages, MetricsWriter, format_duration, setup_logging
+from simvg.utils.run_folder import check_output_dir
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -135,10 +136,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         optimizer.load_state_dict(obj["optimizer"])
         scheduler.load_state_dict(obj["scheduler"])
         step, metrics = int(obj["step"]), dict(obj.get("metrics") or {})
-        rngs = obj.get("rng") or []
-        if len(rngs) == info.world_size:
-            set_rng_state(rngs[info.rank])
-        else:  # another process count: the samples stay exact (they depend on the step only), dropout streams not
+        if not restore_rng(obj.get("rng") or [], info.rank, info.world_size):
+            # another process count: the samples stay exact (they depend on the step only), dropout streams not
             seed_everything(t.seed + info.rank + step)
         changed = config_changes(obj.get("config", {}), to_dict(cfg))
         log.info("resumed at step %d%s", step, f" (config changed: {', '.join(changed)})" if changed else "")

@@ -1,8 +1,12 @@
 """``simvg serve``: a web page and a JSON API for grounding, on FastAPI + uvicorn, bound to 127.0.0.1 by default.
 
 - ``GET /``: a static page (HTML + JS, no CDN) to upload an image, type an expression and see the boxes.
-- ``POST /api/ground``: multipart ``image`` (file) + ``text`` [+ ``branch``] -> the result as JSON.
+- ``POST /api/ground``: multipart ``image`` (file) + ``text`` [+ ``branch``] [+ ``attention=1``] -> the result as
+  JSON (``GroundingResult.to_dict`` + ``elapsed_ms``); with ``attention=1`` also ``"attention": {"token": PNG data
+  URL, "decoder": PNG data URL}``, the heat maps over the image at its original size (``attention_overlays``).
 - ``GET /healthz``: liveness, the model's name (not its path), what it was trained on, and the queue's state.
+- ``GET /api/model``: what the page shows of the loaded model (``describe_model``): name, task, default branch,
+  score threshold, input size, provenance and, for a SynthRef-only model, the words it was trained on.
 
 The model runs in one worker thread behind a bounded queue: a request that finds ``queue_size`` requests already
 waiting or running is answered 503 at once, and one that waits longer than ``timeout_s`` gets 504, so no client
@@ -23,10 +27,13 @@ No ``from __future__ import annotations`` here: FastAPI reads the route function
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import errno
+import io
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -38,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from simvg.errors import UserError
 from simvg.inference.commands import load_grounder, model_arguments
-from simvg.inference.grounder import DEFAULT_MAX_PIXELS
+from simvg.inference.draw import heat_overlay
+from simvg.inference.grounder import BRANCHES, DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -127,19 +135,38 @@ def _limited(request: "Request", max_bytes: int) -> "Request":
     return StarletteRequest(request.scope, receive)
 
 
-async def _read_form(request: "Request", limits: ServeLimits) -> tuple[bytes, str, str | None]:
-    """(image bytes, text, branch or None) from the multipart body; UserError for a malformed one."""
+_FLAG_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False, "": False}
+
+
+async def _read_form(request: "Request", limits: ServeLimits) -> tuple[bytes, str, str | None, bool]:
+    """(image bytes, text, branch or None, attention) from the multipart body; UserError for a malformed one."""
     from starlette.datastructures import UploadFile
 
     form = await _limited(request, limits.max_upload_bytes).form(max_files=1, max_fields=4)
     image, text, branch = form.get("image"), form.get("text"), form.get("branch") or None
+    attention = form.get("attention", "")
     if not isinstance(image, UploadFile):
         raise UserError("missing form field 'image' (an image file)")
     if not isinstance(text, str):
         raise UserError("missing form field 'text' (the expression)")
     if branch is not None and not isinstance(branch, str):
         raise UserError("form field 'branch' must be text")
-    return await image.read(), text, branch
+    if not isinstance(attention, str) or attention.strip().lower() not in _FLAG_VALUES:
+        raise UserError("form field 'attention' must be 1 or 0")
+    return await image.read(), text, branch, _FLAG_VALUES[attention.strip().lower()]
+
+
+def attention_overlays(grounder: Any, image: bytes, text: str, branch: str | None) -> tuple[Any, dict[str, str]]:
+    """Ground with attention maps (on the model thread) -> (result, {branch: PNG data URL}): per branch the heat map
+    over the uploaded image at its original size (EXIF-rotated, as grounded; bounded by the pixel limit)."""
+    picture = grounder.open_image(image)  # decoded once: the grounder takes the PIL image as it is
+    result = grounder.ground(picture, text, branch, attention=True)
+    urls = {}
+    for name, values in result.attention.maps.items():
+        buffer = io.BytesIO()
+        heat_overlay(picture, values).save(buffer, format="PNG", compress_level=3)
+        urls[name] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return result, urls
 
 
 def host_name(header: str) -> str:
@@ -201,6 +228,54 @@ def model_name(source: str) -> str:
     return path.name if path.is_dir() or not path.parent.name else f"{path.parent.name}/{path.name}"
 
 
+# An absolute path (POSIX or Windows) standing alone: at the start, or after a space, bracket, quote, "=" or ":".
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s(\"'=:])(?:/|[A-Za-z]:[\\/])[^\s()\"',;]+")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute path cut to ``.../its last part`` (a provenance line may hold a data root)."""
+
+    def last_part(match: re.Match) -> str:
+        parts = [p for p in re.split(r"[\\/]", match.group()) if p]
+        return f".../{parts[-1]}" if len(parts) > 1 else match.group()
+
+    return _ABSOLUTE_PATH.sub(last_part, text)
+
+
+def known_words(spec: Any) -> dict[str, list[str]]:
+    """The words of a SynthRef-only model's training expressions, by kind ({} for any other model): all that such
+    a model can have learned a meaning for."""
+    if not getattr(spec, "synthetic_only", False):
+        return {}
+    from simvg.synthref.lang import AXES
+    from simvg.synthref.scene import COLOURS, SHAPES, SIZES
+    from simvg.synthref.text import ORDINAL_WORDS, RELATION_WORDS
+
+    return {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES),
+            "places": [*AXES, "middle", *ORDINAL_WORDS.values()],
+            "relations": [words[0] for words in RELATION_WORDS.values()]}  # fmt: skip
+
+
+def describe_model(grounder: Any) -> dict[str, Any]:
+    """What ``GET /api/model`` says of the loaded model: name (never a path), task, default branch, score
+    threshold (GREC keeps the boxes over it; REC always answers its one box), input size, provenance, vocabulary."""
+    spec = getattr(grounder, "spec", None)
+    preprocess = getattr(spec, "preprocess", None)
+    return {
+        "name": model_name(grounder.source),
+        "task": getattr(spec, "task", None),
+        "branch": grounder.branch,
+        "branches": list(BRANCHES),
+        "score_threshold": getattr(grounder, "score_threshold", None),
+        "image_size": getattr(preprocess, "image_size", None),
+        "max_tokens": getattr(preprocess, "max_tokens", None),
+        "trained_on": without_paths(getattr(spec, "trained_on", "")),
+        "synthetic_only": bool(getattr(spec, "synthetic_only", False)),
+        "vocabulary_size": getattr(getattr(grounder, "tokenizer", None), "vocab_size", None),
+        "known_words": known_words(spec),
+    }
+
+
 def create_app(
     grounder: Any, limits: ServeLimits | None = None, allowed_hosts: Collection[str] | None = None
 ) -> "FastAPI":
@@ -242,7 +317,11 @@ def create_app(
         queue = {"pending": worker.pending, "size": worker.queue_size}
         spec = getattr(grounder, "spec", None)
         return {"status": "ok", "model": model_name(grounder.source), "branch": grounder.branch,
-                "trained_on": getattr(spec, "trained_on", ""), "queue": queue}  # fmt: skip
+                "trained_on": without_paths(getattr(spec, "trained_on", "")), "queue": queue}  # fmt: skip
+
+    @app.get("/api/model")
+    async def model() -> dict:
+        return describe_model(grounder)
 
     @app.post("/api/ground")
     async def ground(request: Request):
@@ -251,9 +330,12 @@ def create_app(
             return _error(413, f"upload is larger than {limits.max_upload_bytes} bytes")
         start = time.perf_counter()
         try:
-            image, text, branch = await _read_form(request, limits)
+            image, text, branch, attention = await _read_form(request, limits)
             text = check_text(text, limits.max_text_chars)  # the server's own limit, whatever the grounder's
-            result = await worker.run(grounder.ground, image, text, branch)
+            if attention:
+                result, overlays = await worker.run(attention_overlays, grounder, image, text, branch)
+            else:
+                result, overlays = await worker.run(grounder.ground, image, text, branch), None
         except ClientDisconnect:
             log.warning("a client disconnected during its upload; nothing to answer")
             return _error(400, "the upload was interrupted")
@@ -265,6 +347,9 @@ def create_app(
         except asyncio.TimeoutError:
             return _error(504, f"grounding took longer than {limits.timeout_s:g} s")
         body = result.to_dict()
+        body["trained_on"] = without_paths(body.get("trained_on", ""))  # a real-data run records its absolute root
+        if overlays is not None:
+            body["attention"] = overlays
         body["elapsed_ms"] = round(1000 * (time.perf_counter() - start), 1)
         return body
 

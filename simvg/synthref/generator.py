@@ -291,8 +291,10 @@ def _prepare(out_dir: Path, overwrite: bool) -> None:
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[dict]:
     if workers == 1 or len(jobs) < 2:
         return [make_image(job) for job in tqdm(jobs, unit="img", disable=not progress)]
-    # spawn, not fork: the parent may hold torch/OpenMP threads (tests, notebooks), which fork can deadlock
-    ctx = multiprocessing.get_context("spawn")
+    # Not fork: the parent may hold torch/OpenMP threads (tests, notebooks), which fork can deadlock. forkserver, not
+    # spawn: a spawned worker re-imports the main module (the `simvg` script imports every command, torch included,
+    # seconds per worker); the fork server, a fresh single-threaded process, imports it once and forks the workers.
+    ctx = multiprocessing.get_context("forkserver")
     chunk = max(1, min(32, len(jobs) // (4 * workers)))
     with ctx.Pool(min(workers, len(jobs))) as pool:
         return list(
@@ -352,7 +354,9 @@ def generate_synthref(
         out_dir / "scenes.json", {str(r["image_id"]): {"split": r["split"], "objects": r["objects"]} for r in results}
     )
     corpus = [t for e in instances[next(iter(splits))] for t in e["expressions"]] + vocabulary() * VOCABULARY_REPEATS
-    from simvg.data.tokenizer import train_tokenizer  # keeps torch-free workers from importing the tokenizer stack
+    # Imported here, not at the top: the spawned workers import this module, and the tokenizer module imports torch
+    # (about 2.5 s and 300 MB per worker process for nothing: they only draw scenes).
+    from simvg.data.tokenizer import train_tokenizer
 
     train_tokenizer(corpus, out_dir / "tokenizer.spm", TOKENIZER_VOCAB, model_type=TOKENIZER_TYPE)
     meta = _meta(task, seed, image_size, num_images, splits, _counts(instances, plan))

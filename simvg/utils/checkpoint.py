@@ -5,10 +5,7 @@ with ``torch.load(weights_only=True)``: the config is stored as a plain dict and
 
 Writes are atomic: the data goes to a temporary file in the same folder, is flushed and fsynced, then
 ``os.replace``-d over the destination and the folder is fsynced. A process killed at any moment therefore leaves
-either the previous file or the new one, never a torn file. ``SIMVG_FAULT_KILL_DURING_SAVE=N`` kills the process
-(SIGKILL) during the N-th ``atomic_torch_save`` (a training run's N-th checkpoint write; other files do not count),
-after the temporary file is written and before the rename: the tests use it to
-prove that a crash mid-write resumes from the previous checkpoint. A write that fails (a full disk, a read-only
+either the previous file or the new one, never a torn file. A write that fails (a full disk, a read-only
 folder) raises ``WriteError``, a ``UserError`` (and an ``OSError``) naming the destination, and leaves the previous
 file in place.
 
@@ -28,7 +25,6 @@ import os
 import pickle
 import random
 import re
-import signal
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -59,8 +55,6 @@ CHECKPOINT_KEYS = (
     "sha256",  # str, content_hash() of all the other entries (written by save_checkpoint, checked on load)
 )
 _PREFIXES = ("module.", "_orig_mod.")
-_FAULT_ENV = "SIMVG_FAULT_KILL_DURING_SAVE"
-_saves_done = 0
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -71,13 +65,6 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _maybe_inject_fault() -> None:
-    global _saves_done
-    _saves_done += 1
-    if os.environ.get(_FAULT_ENV) == str(_saves_done):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _umask() -> int:
@@ -119,11 +106,10 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fault_point: bool = False) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a crash at any
     instant leaves the previous file or the new one, never a torn file. The file gets the mode an ordinary
-    ``open()`` would give it (0666 less the umask). An ``OSError`` becomes a ``WriteError`` naming ``path``.
-    ``fault_point``: this write counts for ``SIMVG_FAULT_KILL_DURING_SAVE``."""
+    ``open()`` would give it (0666 less the umask). An ``OSError`` becomes a ``WriteError`` naming ``path``."""
     path = Path(path)
     fd, tmp = _temporary_beside(path)
     try:
@@ -131,8 +117,6 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fault_poin
             write(f)
             f.flush()
             os.fsync(f.fileno())
-            if fault_point:
-                _maybe_inject_fault()
         _publish(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a second error while cleaning up must not hide the first
@@ -184,7 +168,7 @@ def atomic_text_writer(path: str | Path) -> Iterator[_CheckedText]:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``."""
-    atomic_write(path, lambda f: torch.save(obj, f), fault_point=True)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
@@ -378,3 +362,56 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a training run's checkpoint: what ``simvg train`` saves and resumes (its folder: simvg.utils.run_folder)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's (``seed`` modulo 2**32) and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_checkpoint(
+    model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema: Any | None, progress: dict[str, Any],
+    config: dict[str, Any], rngs: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """A training run's checkpoint dict (``CHECKPOINT_KEYS``): the bare model's weights, the EMA's state (None
+    without one), optimiser, scheduler, GradScaler (None when disabled), ``progress`` (epoch, epoch_step, step,
+    best_metric, metrics), ``config`` (the run's config as a plain dict) and ``rngs`` (every rank's ``rng_state()``)."""
+    return {
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "epoch": progress["epoch"], "epoch_step": progress["epoch_step"], "step": progress["step"], "rng": rngs,
+        "config": config, "metrics": dict(progress["metrics"]), "best_metric": progress["best_metric"],
+    }  # fmt: skip
+
+
+def restore_run(
+    obj: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema: Any | None, source: str
+) -> None:
+    """Put a run checkpoint's states back (``obj`` as ``load_checkpoint`` read it from ``source``): the weights
+    (strictly), optimiser, scheduler, the GradScaler's when both have one, the EMA's when both have one (a
+    checkpoint without EMA leaves ``ema`` alone: the caller starts it afresh from the restored weights)."""
+    load_model_state(model, obj["model"], strict=True, source=source)
+    optimizer.load_state_dict(obj["optimizer"])
+    scheduler.load_state_dict(obj["scheduler"])
+    if obj.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(obj["scaler"])
+    if ema is not None and obj.get("ema"):
+        ema.load_state_dict(obj["ema"])
+
+
+def restore_rng(rngs: list[dict[str, Any]], rank: int, world_size: int) -> bool:
+    """Put back this rank's RNG states from a checkpoint's ``rng`` list (one ``rng_state()`` per rank); False,
+    touching nothing, when the checkpoint was written by another number of processes (the caller re-seeds)."""
+    if len(rngs) != world_size:
+        return False
+    set_rng_state(rngs[rank])
+    return True

@@ -3,7 +3,7 @@
 Only rank 0 logs at INFO and writes files; other ranks log warnings only, so a multi-GPU run prints one story.
 Log lines go to the terminal through ``tqdm.write``, so they land above a progress bar instead of inside its line.
 ``metrics.jsonl`` gets one JSON object per line and is appended to, so a resumed run continues the same file (after
-dropping the records of the steps it re-does, ``simvg.engine.train.rewind_metrics``);
+dropping the records of the steps it re-does, ``simvg.utils.run_folder.rewind_metrics``);
 each line carries ``event`` ("start", "train", "epoch", "val", "end") and the global ``step``.
 """
 
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from simvg.utils.checkpoint import write_error
 
 LOGGER_NAME = "simvg"
 
@@ -110,9 +112,25 @@ class MetricsWriter:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as exc:
-            from simvg.utils.checkpoint import write_error
-
             raise write_error(self.path, exc) from None
+
+
+class Eta:
+    """Time left of a run of ``total`` optimisation steps, from this session's mean step time (a resumed run times
+    its own steps only)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.start, self.steps = total, time.time(), 0
+
+    def tick(self) -> None:
+        """One more step done in this session."""
+        self.steps += 1
+
+    def left(self, step: int) -> str:
+        """``"h:mm:ss"`` for the steps after ``step``; ``"?"`` before the first step of the session."""
+        if not self.steps:
+            return "?"
+        return format_duration((time.time() - self.start) / self.steps * max(0, self.total - step))
 
 
 def plain_float(value: float) -> Any:
