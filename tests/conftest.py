@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from grounding_helpers import make_model_folder
+from grounding_helpers import make_model_folder, scene
 
 from simvg.inference.grounder import Grounder
 
@@ -17,3 +17,11 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grounder(folder):
     return Grounder.from_checkpoint(folder)
+
+
+@pytest.fixture()
+def image(tmp_path):
+    """``grounding_helpers.scene()`` (two shapes, 96 x 64) as a PNG file."""
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    return path

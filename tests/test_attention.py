@@ -201,13 +201,6 @@ def test_draw_attention_one_or_both_branches(grounder):
         result.draw_attention(scene(), branch="both")
 
 
-@pytest.fixture()
-def image(tmp_path):
-    path = tmp_path / "scene.png"
-    scene().save(path)
-    return path
-
-
 def test_cli_writes_the_attention_picture(folder, image, tmp_path, capsys):
     out = tmp_path / "looked" / "attention.png"
     assert main(["ground", str(image), "the red circle", "--checkpoint", str(folder), "--attention", str(out)]) == 0

@@ -154,13 +154,6 @@ def test_real_model_confidence_matches_its_two_answers_and_leaves_them_unchanged
         assert got == pytest.approx([expected], abs=1e-5)
 
 
-@pytest.fixture()
-def image(tmp_path):
-    path = tmp_path / "scene.png"
-    scene().save(path)
-    return path
-
-
 def test_cli_json_carries_the_confidence(folder, image, capsys):
     argv = ["ground", str(image), "the red circle", "--checkpoint", str(folder), "--json"]
     assert main(argv + ["--branch", "decoder"]) == 0

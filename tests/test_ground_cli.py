@@ -13,13 +13,6 @@ from simvg.inference.commands import MAX_REPORTED_BAD
 from simvg.inference.grounder import Grounder
 
 
-@pytest.fixture()
-def image(tmp_path):
-    path = tmp_path / "scene.png"
-    scene().save(path)
-    return path
-
-
 def test_ground_prints_json_equal_to_the_api(folder, image, capsys):
     assert main(["ground", str(image), "the red circle", "--checkpoint", str(folder), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
