@@ -9,7 +9,7 @@ boxes in original pixels out (decode, resize, tokenize, forward, post-process); 
 CPU time (with one thread, CPU time is immune to other processes taking the core) after a warm-up.
 Threads: ``--threads`` (default 1) for torch and onnxruntime alike.
 
-int8: PyTorch's dynamic int8 (``Grounder.from_checkpoint(precision="int8")``, simvg/inference/quantize.py) and ONNX
+int8: PyTorch's dynamic int8 (``Grounder.from_checkpoint(precision="int8")``, simvg/models/quantize.py) and ONNX
 Runtime's dynamic int8 of the exported graph (``simvg export onnx --int8``).
 
 Sizes: the embedded default (``simvg/assets/default`` when present, else ``simvg_synth_s`` with random weights,
@@ -18,11 +18,19 @@ the size it is trained at) and ``simvg_b32`` (BEiT-3 base, 640 px, random weight
     .venv/bin/python benchmarks/inference.py [--repeats 20] [--b32-repeats 5] [--skip-b32] [--batches 1,8]
         [--branches token,decoder]
     .venv/bin/python benchmarks/inference.py --threads-sweep 1,2    # fp32 / int8 PyTorch, 1 vs 2 threads (wall)
+    .venv/bin/python benchmarks/inference.py --smoke                # every code path in seconds; figures meaningless
+
+``--smoke`` (the smoke test, tests/test_benchmarks_smoke.py): ``simvg_tiny_test`` with random weights in place of
+both sizes, the four paths of the token branch at batch 2, one timed run, then the thread sweep at one thread. The
+workers run in this process (their arguments and results still make the JSON round trip they make between
+processes), which saves a torch import per configuration but makes the peak RSS the driver's; only the first
+configuration's memory is measured in its own process, so that the protocol between the two is exercised too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import resource
@@ -32,12 +40,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ["the red circle on the left", "the blue square right of the green triangle", "a small yellow star",
           "the second circle from the left", "all red shapes", "the large purple square below the circle"]  # fmt: skip
 TEXT = "the second red circle from the left"
 THREADS = 1  # set by --threads; on a shared 2-core VM two spinning OpenMP threads are ~10x slower than one
+IN_PROCESS = False  # set by --smoke: the workers (but one) run in the driver instead of a subprocess each
 
 
 def rss_mb() -> float:
@@ -159,7 +169,8 @@ def threads_worker(configs: list[list[str]], counts: list[int], repeats: int) ->
 def threads_sweep(folder: Path, label: str, counts: list[int], repeats: int) -> None:
     """fp32 and int8 PyTorch (token branch) at each thread count: the advice in README."""
     configs = [[str(folder), "torch", "token", "fp32"], [str(folder), "torch", "token", "int8"]]
-    rows = subprocess_json("--threads-worker", json.dumps(configs), json.dumps(counts), str(repeats))
+    rows = subprocess_json("--threads-worker", json.dumps(configs), json.dumps(counts), str(repeats),
+                           fresh=not IN_PROCESS)  # fmt: skip
     print(f"| size | path | {' | '.join(f'{n} thread(s), median ms' for n in counts)} |")
     print("|---|---|" + "---|" * len(counts))
     for i, name in enumerate(("PyTorch fp32 TB", "PyTorch int8 TB")):
@@ -167,7 +178,22 @@ def threads_sweep(folder: Path, label: str, counts: list[int], repeats: int) -> 
         print(f"| {label} | {name} | {' | '.join(f'{c:.1f}' for c in cells)} |", flush=True)
 
 
-def subprocess_json(*args: str):
+def worker(args: list[str]) -> Any:
+    """Run the worker that ``args`` name (``--memory``, ``--latency`` or ``--threads-worker`` and its JSON
+    arguments); returns its JSON-able result."""
+    if args[0] == "--memory":
+        return memory_worker(json.loads(args[1]), int(args[2]), int(args[3]))
+    if args[0] == "--threads-worker":
+        return threads_worker(json.loads(args[1]), json.loads(args[2]), int(args[3]))
+    if args[0] == "--latency":
+        return latency_worker(json.loads(args[1]), json.loads(args[2]), int(args[3]), int(args[4]))
+    raise ValueError(f"unknown worker {args[0]!r}")
+
+
+def subprocess_json(*args: str, fresh: bool = True) -> Any:
+    """The result of ``worker(args)``, computed in a fresh process (``fresh``) or in this one."""
+    if not fresh:
+        return json.loads(json.dumps(worker(list(args))))
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -197,16 +223,21 @@ def measure_size(label: str, folder: Path, repeats: int, batches: list[int], bra
     for branch in branches:
         short = branch[0].upper() + "B"
         fp32, int8 = export_graphs(label, folder, branch)
+        if IN_PROCESS:
+            # The driver now holds torch.onnx's whole import graph; frozen, it is not scanned again by the
+            # gc.collect() of every int8 load (quantize.release_memory), as it would not be in a fresh worker.
+            gc.freeze()
         configs += [(f"PyTorch fp32 {short}", [str(folder), "torch", branch, "fp32"]),
                     (f"PyTorch int8 {short}", [str(folder), "torch", branch, "int8"]),
                     (f"ONNX fp32 {short}", [str(fp32), "onnx", branch, "fp32"]),
                     (f"ONNX int8 {short}", [str(int8), "onnx", branch, "int8"])]  # fmt: skip
     latency = subprocess_json("--latency", json.dumps([c for _, c in configs]), json.dumps(batches), str(repeats),
-                              str(THREADS))  # fmt: skip
+                              str(THREADS), fresh=not IN_PROCESS)  # fmt: skip
     rows = []
     for i, batch in enumerate(batches):
         for j, (name, config) in enumerate(configs):
-            memory = subprocess_json("--memory", json.dumps(config), str(batch), str(THREADS))
+            memory = subprocess_json("--memory", json.dumps(config), str(batch), str(THREADS),
+                                     fresh=not IN_PROCESS or not rows)  # fmt: skip
             rows.append({"size": label, "path": name, **latency[i * len(configs) + j], **memory})
             print(f"  {name} B={batch}: {rows[-1]['cpu_ms']:.0f} ms CPU, {memory['peak_mb']:.0f} MiB", flush=True)
     return rows
@@ -235,11 +266,20 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
     parser.add_argument("--branches", default="token,decoder", help="branches, comma-separated")
     parser.add_argument("--threads-sweep", help="instead: PyTorch fp32/int8 at these thread counts, e.g. 1,2")
+    parser.add_argument("--smoke", action="store_true", help="every code path at the tiniest size, in seconds")
     args = parser.parse_args()
-    global THREADS
+    global THREADS, IN_PROCESS
     THREADS = args.threads
     batches, branches = [int(b) for b in args.batches.split(",")], args.branches.split(",")
     rows = []
+    if args.smoke:
+        IN_PROCESS = True
+        with tempfile.TemporaryDirectory() as tmp:
+            label, folder = "simvg_tiny_test (random)", make_folder("simvg_tiny_test", Path(tmp) / "tiny")
+            print(f"measuring {label}", flush=True)
+            print(table(measure_size(label, folder, 1, [2], ["token"])))
+            threads_sweep(folder, label, [1], 1)
+        return
     if args.threads_sweep:
         counts = [int(n) for n in args.threads_sweep.split(",")]
         with tempfile.TemporaryDirectory() as tmp:
@@ -270,12 +310,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--memory":
-        print(json.dumps(memory_worker(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--threads-worker":
-        print(json.dumps(threads_worker(json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]))))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--latency":
-        configs, batches = json.loads(sys.argv[2]), json.loads(sys.argv[3])
-        print(json.dumps(latency_worker(configs, batches, int(sys.argv[4]), int(sys.argv[5]))))
+    if len(sys.argv) > 1 and sys.argv[1] in ("--memory", "--threads-worker", "--latency"):
+        print(json.dumps(worker(sys.argv[1:])))
     else:
         main()

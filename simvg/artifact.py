@@ -39,15 +39,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from simvg.config import DataConfig, ModelSection, from_dict, model_settings
+from simvg.config import SCORE_THRESHOLD, DataConfig, ModelSection, from_dict, model_settings
 from simvg.data.datasets import tokenizer_path
 from simvg.data.tokenizer import BEiT3Tokenizer, check_vocab
-from simvg.engine.metrics import SCORE_THRESHOLD
 from simvg.errors import UserError
-from simvg.inference.quantize import build_int8, check_precision
 from simvg.models import SimVG, SimVGConfig
 from simvg.models.beit3 import load_beit3_pretrained
 from simvg.models.official import infer_config, is_official_state, official_to_ours
+from simvg.models.quantize import build_int8, check_precision
 from simvg.utils.checkpoint import (
     atomic_write_bytes,
     clean_state_dict,
@@ -418,7 +417,7 @@ def load_artifact(
 
     ``tokenizer`` replaces (or supplies, for official files) the model's sentencepiece file; with
     ``need_tokenizer`` a model without one is a UserError saying to pass it. ``precision`` "int8" quantises the
-    Linear layers dynamically on the CPU (``simvg.inference.quantize``), reading the weights one layer at a time;
+    Linear layers dynamically on the CPU (``simvg.models.quantize``), reading the weights one layer at a time;
     None or "fp32" loads them as they are.
     """
     precision = check_precision(precision, device)
@@ -613,7 +612,7 @@ def postprocess(logits: Tensor, boxes: Tensor, score_threshold: float = SCORE_TH
             possibly none ("no target"). REC (Q == 1) reports its one query whatever its score. NaN is never kept.
 
     Returns:
-        One ``Detections`` per sample; ``simvg.data.collate.boxes_to_original(d.kept_boxes, meta)`` gives xyxy
+        One ``Detections`` per sample; ``simvg.data.transforms.boxes_to_original(d.kept_boxes, meta)`` gives xyxy
         pixels of the original image.
     """
     scores = object_scores(logits)  # [B, Q]

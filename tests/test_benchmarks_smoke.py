@@ -1,13 +1,13 @@
 """Every script in ``benchmarks/`` runs, at tiny sizes, so that none of them rots.
 
 Each script runs as a user runs it (``python benchmarks/X.py ...``, one thread) with the smallest sizes its options
-allow; the checks are on what it prints. ``ablate.py``, ``binding_probe.py`` and ``targets.py`` have their own end
-to end tests (``COVERED_ELSEWHERE``); ``test_every_benchmark_script_is_smoke_tested`` makes sure a new script cannot
-be added without one.
+allow; the checks are on what it prints. The scripts in ``COVERED_ELSEWHERE`` have their own end to end tests;
+``test_every_benchmark_script_is_smoke_tested`` makes sure a new script cannot be added without one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,10 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-SMOKED_HERE = {"data.py", "encoder.py", "inference.py", "model.py", "synthref.py"}
-COVERED_ELSEWHERE = {  # script -> the test file that runs it end to end
+SMOKED_HERE = {"data.py", "encoder.py", "inference.py", "model.py", "rec_confidence.py", "synthref.py"}
+COVERED_ELSEWHERE = {  # script -> the test file that runs it end to end (a test named *end_to_end* or its main())
     "ablate.py": "test_ablate.py",
     "binding_probe.py": "test_binding_probe.py",
+    "equal_compute.py": "test_equal_compute.py",
     "int8_accuracy.py": "test_quantize.py",
     "targets.py": "test_targets.py",
 }
@@ -40,7 +41,8 @@ def test_every_benchmark_script_is_smoke_tested() -> None:
     assert scripts == SMOKED_HERE | set(COVERED_ELSEWHERE), "a benchmark script without a smoke test (or a stale name)"
     for script, test_file in COVERED_ELSEWHERE.items():
         text = (ROOT / "tests" / test_file).read_text()
-        assert "end_to_end" in text and script.removesuffix(".py") in text, (script, test_file)
+        name = script.removesuffix(".py")
+        assert name in text and ("end_to_end" in text or f"{name}.main(" in text), (script, test_file)
 
 
 def test_data_loader_benchmark() -> None:
@@ -98,12 +100,42 @@ def test_encoder_benchmark_flops_agree_at_a_tiny_size() -> None:
     assert re.search(r"^\| 32/p16 B=2 \| 25 \| [0-9.]+ \|", out, re.M), out
 
 
-@pytest.mark.slow
-def test_inference_benchmark_smallest_run() -> None:
-    """The latency/memory script at its smallest options: the embedded default only, batch 1, token branch, one
-    timed run. It exports ONNX graphs and starts one process per configuration, so it takes ~15-20 s of CPU."""
-    out = run(["benchmarks/inference.py", "--skip-b32", "--repeats", "1", "--batches", "1", "--branches", "token"],
-              timeout=600)  # fmt: skip
-    rows = re.findall(r"^\| default \(embedded\) \| (.+?) \| 1 \| ([0-9.]+) \|", out, re.M)
-    assert {path for path, _ in rows} >= {"PyTorch fp32 TB", "ONNX fp32 TB"}, out
-    assert all(float(ms) > 0 for _, ms in rows)
+def test_inference_benchmark_smoke_run() -> None:
+    """``--smoke``: the tiny preset with random weights, the four paths (PyTorch / ONNX, fp32 / int8) of the token
+    branch at batch 2, the table, and the thread sweep; the workers run in-process but for one, so ~10 s of CPU
+    instead of ~30. Bites if a path drops out of the table, a ratio is taken against the wrong reference row, the
+    ONNX graph disagrees with PyTorch, or the driver and its worker process no longer understand each other."""
+    out = run(["benchmarks/inference.py", "--smoke"])
+    export = re.search(r"exported simvg_tiny_test \(random\) token in [0-9.]+ s \(max \|ONNX - PyTorch\| fp32 (\S+), "
+                       r"int8 (\S+)\)", out)  # fmt: skip
+    assert export and float(export.group(1)) < 1e-4 and float(export.group(2)) >= 0, out
+    cells = r" \| ".join([r"([0-9.]+)"] * 2 + [r"([0-9.]+)x"] * 2 + [r"([0-9]+)", r"([0-9.]+)x", r"([0-9.]+)"])
+    rows = re.findall(rf"^\| simvg_tiny_test \(random\) \| (.+?) \| 2 \| {cells} \|$", out, re.M)
+    paths = {row[0]: [float(v) for v in row[1:]] for row in rows}
+    assert sorted(paths) == ["ONNX fp32 TB", "ONNX int8 TB", "PyTorch fp32 TB", "PyTorch int8 TB"], out
+    ref_ms, ref_cpu, _, _, ref_mb, _, _ = paths["PyTorch fp32 TB"]
+    for median_ms, cpu_ms, vs_cpu, vs_wall, peak_mb, vs_mb, load_s in paths.values():
+        assert median_ms > 0 and cpu_ms > 0 and peak_mb > 0 and load_s >= 0, out
+        # each ratio against PyTorch fp32 of the same batch (the printed values are rounded: 0.1 ms, 1 MiB, 0.01)
+        assert vs_cpu == pytest.approx(cpu_ms / ref_cpu, abs=0.02), out
+        assert vs_wall == pytest.approx(median_ms / ref_ms, abs=0.02), out
+        assert vs_mb == pytest.approx(peak_mb / ref_mb, abs=0.02), out
+    for path in ("PyTorch fp32 TB", "PyTorch int8 TB"):
+        assert re.search(rf"^\| simvg_tiny_test \(random\) \| {path} \| [0-9.]+ \|$", out, re.M), out
+
+
+def test_rec_confidence_benchmark_counts_every_expression_once(tmp_path: Path) -> None:
+    """Three fresh scenes through the embedded model: every expression falls in exactly one confidence bin (bites
+    if the last bin's upper edge drops a confidence of exactly 1.0, or bins overlap), in the table and the JSON."""
+    out = run(["benchmarks/rec_confidence.py", "--num-images", "3", "--json", str(tmp_path / "r.json")])
+    total = re.search(r": ([0-9]+) expressions on 3 fresh scenes", out)
+    assert total and int(total.group(1)) >= 3, out  # at least one object per scene
+    n = int(total.group(1))
+    counts = [int(c) for c in re.findall(r"^\| [\[(][0-9.]+, [0-9.]+[\])] \| ([0-9]+) \|", out, re.M)]
+    assert len(counts) == 5 and sum(counts) == n, out
+    assert re.search(rf"^\| all \| {n} \| [0-9.]+ % \| [0-9.]+ % \|$", out, re.M), out
+    record = json.loads((tmp_path / "r.json").read_text())
+    bins = record["bins"]
+    assert [b["n"] for b in bins] == counts
+    assert bins[0]["low"] == 0.0 and bins[-1]["high"] == 1.0
+    assert all(a["high"] == b["low"] for a, b in zip(bins, bins[1:]))

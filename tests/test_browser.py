@@ -176,8 +176,9 @@ BOX_IN_IMAGE = """(() => {
   return [box.left - img.left, box.top - img.top, box.right - img.left, box.bottom - img.top];
 })()"""
 # No image on the page shows as a broken image: each one rendered has decoded pixels.
+# Shown, done loading, and nothing to draw: the broken-image icon (an example still loading on a busy machine is not).
 BROKEN_IMAGES = """[...document.images].filter((img) => img.getClientRects().length > 0
-  && !(img.complete && img.naturalWidth > 0)).map((img) => img.id || img.src)"""
+  && img.complete && img.naturalWidth === 0).map((img) => img.id || img.src)"""
 
 
 def iou(a: list[float], b: list[float]) -> float:

@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, weights_only loads, prefix cleaning, checked partial loads, RNG round trip, export."""
 
 import errno
+import hashlib
 import os
 import pickle
 import random
@@ -541,3 +542,129 @@ def test_a_stale_sha256_in_the_state_is_replaced_not_hashed(tmp_path: Path) -> N
     raw = torch.load(path, weights_only=True)
     assert raw["sha256"] == C.content_hash({"version": 1, "step": 5})
     assert C.load_checkpoint(path) == {"version": 1, "step": 5}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The content hash's format, the corrupt-file message, and what load_checkpoint passes to torch.load.
+
+
+def test_content_hash_format_is_fixed() -> None:
+    """The hash is stored in every checkpoint, so its byte stream is part of the file format: any change to it
+    makes every existing file fail its check ("corrupt checkpoint"). Expected digest spelled out by hand from the
+    documented scheme: ``D<n>`` then each key as ``K<type>:<repr>`` in (type name, repr) order (int keys before
+    str keys; ``'a'`` would sort before ``1`` by repr alone) followed by its value; lists ``l<n>``, tuples ``t<n>``
+    then the items; tensors ``T<dtype><shape>`` then their bytes (little-endian); other values ``V<type>:<repr>``."""
+    obj = {"b": torch.tensor([1, 2], dtype=torch.int16), 1: None, "a": [3, (2.5, "x")]}
+    stream = (
+        b"D3"
+        b"Kint:1" b"VNoneType:None"
+        b"Kstr:'a'" b"l2" b"Vint:3" b"t2" b"Vfloat:2.5" b"Vstr:'x'"
+        b"Kstr:'b'" b"Ttorch.int16(2,)" b"\x01\x00\x02\x00"
+    )  # fmt: skip
+    assert C.content_hash(obj) == hashlib.sha256(stream).hexdigest()
+
+
+def test_content_hash_tells_lists_from_tuples_and_reads_gradients_and_empty_tensors() -> None:
+    assert C.content_hash([1, 2]) != C.content_hash((1, 2))
+    weight = nn.Parameter(torch.ones(2))  # requires grad: hashed through detach()
+    assert C.content_hash(weight) == C.content_hash(torch.ones(2))
+    assert C.content_hash(torch.zeros(0, 3)) == hashlib.sha256(b"Ttorch.float32(0, 3)").hexdigest()
+
+
+def test_a_corrupt_checkpoint_is_named_with_the_whole_advice(tmp_path: Path) -> None:
+    path = tmp_path / "last.pth"
+    C.save_checkpoint(path, {"step": 1})
+    obj = torch.load(path, weights_only=True)
+    obj["step"] = 2  # changed after it was written: the stored hash no longer matches
+    torch.save(obj, path)
+    with pytest.raises(UserError) as err:
+        C.load_checkpoint(path)
+    assert str(err.value) == (
+        f"{path}: corrupt checkpoint: its content does not match the sha256 stored in it (the file changed after it "
+        "was written: a damaged disk or copy); use another checkpoint (e.g. best.pth or a backup)"
+    )
+
+
+def test_only_torchs_user_warnings_are_silenced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pickle-protocol notices (``UserWarning``) are noise for the user; anything else torch says while
+    loading (a ``FutureWarning`` of an API about to change) must still reach the maintainers."""
+    import warnings
+
+    path = tmp_path / "c.pth"
+    torch.save({"step": 1}, path)
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        warnings.warn("protocol notice", UserWarning, stacklevel=2)
+        warnings.warn("this will change", FutureWarning, stacklevel=2)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert C.load_checkpoint(path) == {"step": 1}
+    assert [(w.category, str(w.message)) for w in caught] == [(FutureWarning, "this will change")]
+
+
+def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(tmp_path: Path, monkeypatch) -> None:
+    """Tensors saved from CUDA memory are tagged ``cuda:0`` in the file; without ``map_location="cpu"`` torch would
+    put them back on the GPU (an error on a machine without one). The tag is forged here by saving with torch's
+    ``location_tag`` answering ``cuda:0``, as it does for a CUDA tensor."""
+    path = tmp_path / "gpu.pth"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        C.save_checkpoint(path, {"model": {"w": torch.arange(3.0)}})
+    assert b"cuda:0" in path.read_bytes()
+    loaded = C.load_checkpoint(path)
+    assert loaded["model"]["w"].device == torch.device("cpu")
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0))
+
+
+def test_pickled_objects_stay_refused_when_the_environment_turns_weights_only_off(tmp_path: Path, monkeypatch) -> None:
+    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (set by some tools to read old files) turns torch's *default* to a full
+    unpickle; an explicit ``weights_only=True`` is immune to it, so a checkpoint still cannot run code on load."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path = tmp_path / "obj.pth"
+    torch.save({"model": {}, "extra": Fraction(1, 2)}, path)
+    with pytest.raises(UserError, match=r"Python objects \(fractions\.Fraction\)"):
+        C.load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA RNG states: saved when CUDA is there, restored only onto the same number of devices. No GPU here, so
+# torch.cuda's four functions are stand-ins that record what the code asks of them.
+
+
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, available: bool, count: int) -> list:
+    restored: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((4,), i, dtype=torch.uint8)
+                                                                  for i in range(count)])  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    return restored
+
+
+def test_rng_state_saves_every_cuda_devices_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, available=True, count=2)
+    cuda = C.rng_state()["cuda"]
+    assert [t.tolist() for t in cuda] == [[0, 0, 0, 0], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("available", "count", "saved", "restored"),
+    [
+        (True, 2, 2, True),  # the same machine: restored
+        (True, 1, 2, False),  # resumed on fewer GPUs: fresh states (they would be assigned to the wrong devices)
+        (True, 2, 0, False),  # a run from a CPU machine: nothing to restore
+        (False, 0, 1, False),  # a GPU run resumed on a CPU machine
+    ],
+)
+def test_set_rng_state_restores_cuda_only_onto_the_same_device_count(
+    monkeypatch: pytest.MonkeyPatch, available: bool, count: int, saved: int, restored: bool
+) -> None:
+    state = C.rng_state()
+    state["cuda"] = [torch.full((4,), 7 + i, dtype=torch.uint8) for i in range(saved)]
+    calls = _fake_cuda(monkeypatch, available, count)
+    C.set_rng_state(state)
+    assert calls == ([state["cuda"]] if restored else [])

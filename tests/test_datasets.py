@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from simvg.config import DataConfig
-from simvg.data.collate import Batch, boxes_to_original
+from simvg.data.collate import Batch
 from simvg.data.datasets import build_dataset, dataset_task
 from simvg.data.formats import get_spec
 from simvg.data.loaders import ResumableSampler, ShardSampler, batches_per_epoch, make_loader
+from simvg.data.transforms import boxes_to_original
 from simvg.errors import UserError
 
 

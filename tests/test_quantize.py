@@ -1,4 +1,4 @@
-"""int8 inference (simvg/inference/quantize.py): the fused q/k/v path under quantisation, the streaming int8 load,
+"""int8 inference (simvg/models/quantize.py): the fused q/k/v path under quantisation, the streaming int8 load,
 int8 grounding through the API and every command, ``export onnx --int8``, ``--threads``, and the bad-input lines.
 
 Tolerances are measured: on the tiny random models of grounding_helpers (4 seeds, REC and 5-query GREC, 6 samples)
@@ -23,9 +23,8 @@ from torch import nn
 from simvg.artifact import load_artifact, read_weights
 from simvg.cli import main
 from simvg.errors import UserError
-from simvg.inference import quantize
 from simvg.inference.grounder import Grounder
-from simvg.models import SimVG, create_model
+from simvg.models import SimVG, create_model, quantize
 from simvg.models.beit3 import BEiT3, MultiwayAttention, beit3_config
 from simvg.models.official import infer_config, official_to_ours
 

@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 from simvg.config import DataConfig
-from simvg.data.collate import boxes_to_original
 from simvg.data.transforms import (
     LargeScaleJitter,
     RandomHorizontalFlip,
     Resize,
     Sample,
     ToTensorNormalize,
+    boxes_to_original,
     build_test_transform,
     build_train_transform,
     crop_coverage,

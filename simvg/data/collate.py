@@ -9,6 +9,7 @@ The target dict follows DETR's convention (docs/design.md S7.2):
 - ``orig_size``     [2] long, original image (h, w)
 - ``input_to_orig`` [4] float (sx, sy, dx, dy): ``x_orig = (x_input_px - dx) / sx`` (same for y); this maps
                     predictions back to original-image pixels for every resize / letterbox transform
+                    (``simvg.data.transforms.boxes_to_original``)
 - ``orig_boxes``    [n, 4] float, ground truth xyxy in original-image pixels (for dumps and demos)
 - ``image_id``      int, ``sample_id`` str (unique per expression), ``expression`` str
 """
@@ -20,8 +21,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from simvg.utils.box_ops import box_cxcywh_to_xyxy
 
 
 @dataclass
@@ -46,20 +45,3 @@ def collate(samples: list[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]) -> Bat
     """Stack samples of equal image size and text length into a ``Batch``."""
     images, ids, masks, targets = zip(*samples)
     return Batch(torch.stack(images), torch.stack(ids), torch.stack(masks), list(targets))
-
-
-def boxes_to_original(boxes_cxcywh: Tensor, target: dict[str, Any]) -> Tensor:
-    """Normalised cxcywh predictions [..., 4] in the network input -> xyxy pixels of the original image.
-
-    The result is clipped to the original image, so a box can never leave it.
-    """
-    h, w = (float(v) for v in target["size"])
-    sx, sy, dx, dy = (float(v) for v in target["input_to_orig"])
-    xyxy = box_cxcywh_to_xyxy(boxes_cxcywh) * boxes_cxcywh.new_tensor([w, h, w, h])
-    xyxy = (xyxy - xyxy.new_tensor([dx, dy, dx, dy])) / xyxy.new_tensor([sx, sy, sx, sy])
-    # A flip (sx < 0) swaps the corners; sort them so that x1 <= x2 and y1 <= y2 whatever the affine.
-    x, y = xyxy[..., 0::2].sort(-1).values, xyxy[..., 1::2].sort(-1).values
-    xyxy = torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), -1)
-    oh, ow = (float(v) for v in target["orig_size"])
-    limit = xyxy.new_tensor([ow, oh, ow, oh])
-    return torch.minimum(xyxy.clamp(min=0), limit)

@@ -1,4 +1,5 @@
-"""Box- and caption-aware image transforms, the train/test pipelines, and ``preprocess`` for inference.
+"""Box- and caption-aware image transforms, the train/test pipelines, ``preprocess`` for inference and its inverse
+``boxes_to_original`` (predictions back to original-image pixels).
 
 A transform maps a ``Sample`` (PIL image, boxes xyxy [n, 4] float in pixels of the current image, text, and the
 affine ``(sx, sy, dx, dy)`` that takes original pixels to current ones: ``x_cur = sx * x_orig + dx``) to a new
@@ -25,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from simvg.data.image_io import to_rgb
-from simvg.utils.box_ops import box_xyxy_to_cxcywh, clip_boxes_xyxy
+from simvg.utils.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, clip_boxes_xyxy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -287,8 +288,25 @@ def preprocess(image: Image.Image, cfg: Any) -> tuple[Tensor, dict[str, Tensor]]
 
     Returns:
         (image tensor [3, S, S], meta with ``size`` [2], ``orig_size`` [2], ``input_to_orig`` [4]) where
-        ``simvg.data.collate.boxes_to_original(pred_boxes, meta)`` maps predictions back to ``image`` pixels.
+        ``boxes_to_original(pred_boxes, meta)`` maps predictions back to ``image`` pixels.
     """
     sample = Sample(to_rgb(image), torch.zeros((0, 4)), "")
     tensor, meta, _ = build_test_transform(cfg)(sample)
     return tensor, {k: meta[k] for k in ("size", "orig_size", "input_to_orig")}
+
+
+def boxes_to_original(boxes_cxcywh: Tensor, target: dict[str, Any]) -> Tensor:
+    """Normalised cxcywh predictions [..., 4] in the network input -> xyxy pixels of the original image.
+
+    The result is clipped to the original image, so a box can never leave it.
+    """
+    h, w = (float(v) for v in target["size"])
+    sx, sy, dx, dy = (float(v) for v in target["input_to_orig"])
+    xyxy = box_cxcywh_to_xyxy(boxes_cxcywh) * boxes_cxcywh.new_tensor([w, h, w, h])
+    xyxy = (xyxy - xyxy.new_tensor([dx, dy, dx, dy])) / xyxy.new_tensor([sx, sy, sx, sy])
+    # A flip (sx < 0) swaps the corners; sort them so that x1 <= x2 and y1 <= y2 whatever the affine.
+    x, y = xyxy[..., 0::2].sort(-1).values, xyxy[..., 1::2].sort(-1).values
+    xyxy = torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), -1)
+    oh, ow = (float(v) for v in target["orig_size"])
+    limit = xyxy.new_tensor([ow, oh, ow, oh])
+    return torch.minimum(xyxy.clamp(min=0), limit)

@@ -21,7 +21,7 @@ from simvg.data.tokenizer import check_vocab
 from simvg.engine.evaluate import evaluate
 from simvg.engine.train import NonFiniteLossError, fit
 from simvg.errors import UserError
-from simvg.inference.quantize import precision_arguments, set_threads
+from simvg.models.quantize import precision_arguments, set_threads
 from simvg.utils import dist
 from simvg.utils.checkpoint import atomic_write_bytes, load_checkpoint
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from simvg.artifact import SCORE_THRESHOLD, postprocess
-from simvg.data.collate import Batch, boxes_to_original
+from simvg.data.collate import Batch
+from simvg.data.transforms import boxes_to_original
 from simvg.engine.metrics import GrecOutcome, grec_outcome, grec_summary, rec_accuracy, rec_hits, rec_ious
 from simvg.utils import dist
 from simvg.utils.amp import autocast

@@ -4,11 +4,12 @@ REC (docs/design.md O7, P3a): one box per expression, correct when IoU(pred, gt)
 correct expressions / all expressions over the whole split (the official code averages per-batch accuracies).
 
 GREC (docs/design.md P3b): a port of the *official* gRefCOCO ``RefExpEvaluator`` semantics, counted over the whole
-split. Per expression: keep predictions with score >= 0.7; a no-target expression is correct iff nothing is kept;
-otherwise predictions and ground truths are matched greedily by GIoU >= 0.5 (highest pair first, one-to-one), and
-the expression is correct iff F1 = 2TP / (2TP + FP + FN) reaches 1. Pr@(F1=1, IoU>=0.5) = correct / all;
-N-acc = no-target expressions with no kept box / no-target expressions; T-acc = target expressions with at least
-one kept box / target expressions. SimVG's per-batch averaging (bug B5) is deliberately not reproduced.
+split. Per expression: keep predictions with score >= ``SCORE_THRESHOLD`` (0.7, defined in ``simvg.config`` with the
+eval section); a no-target expression is correct iff nothing is kept; otherwise predictions and ground truths are
+matched greedily by GIoU >= 0.5 (highest pair first, one-to-one), and the expression is correct iff
+F1 = 2TP / (2TP + FP + FN) reaches 1. Pr@(F1=1, IoU>=0.5) = correct / all; N-acc = no-target expressions with no
+kept box / no-target expressions; T-acc = target expressions with at least one kept box / target expressions.
+SimVG's per-batch averaging (bug B5) is deliberately not reproduced.
 
 All boxes are xyxy in one common frame (we use original-image pixels). Every IoU comes from ``simvg.utils.box_ops``.
 """
@@ -21,9 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from simvg.config import SCORE_THRESHOLD
 from simvg.utils.box_ops import box_iou, elementwise_box_iou, generalized_box_iou
-
-SCORE_THRESHOLD = 0.7  # GREC: a prediction counts when its object probability reaches this (the official value)
 
 
 def rec_ious(pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:

@@ -19,7 +19,8 @@ and only then renamed over it, so a failed export (a parity error, a crash, a fu
 cannot be written is a one-line error naming the file.
 
 We use the TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``, while the dynamo exporter would
-add ``onnxscript`` as a dependency.
+add ``onnxscript`` as a dependency. ``onnx`` and ``onnxruntime`` are the optional extra ``simvg[export]``: they are
+imported inside the functions that use them, so that ``simvg`` without the extra runs every other command.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import yaml
 from torch import Tensor, nn
 
 from simvg.artifact import SPEC_FILE, TOKENIZER_FILE, load_artifact, spec_to_dict
+from simvg.data.tokenizer import BEiT3Tokenizer
 from simvg.errors import UserError
 from simvg.utils.checkpoint import atomic_write_bytes, write_error
 
@@ -74,7 +76,7 @@ def example_inputs(tokenizer, image_size: int, texts: list[str]) -> tuple[Tensor
 
 def _write_graph(module: BranchModel, inputs: tuple[Tensor, ...], out: Path) -> None:
     """Trace ``module`` to ``out`` with a dynamic batch axis and record the branch in the model's metadata."""
-    import onnx
+    import onnx  # deferred: the optional extra simvg[export] (module docstring)
 
     dynamic = {name: {0: "batch"} for name in INPUTS + OUTPUTS}
     with warnings.catch_warnings():
@@ -95,6 +97,7 @@ def _write_graph(module: BranchModel, inputs: tuple[Tensor, ...], out: Path) -> 
 def quantize_graph(fp32: Path, out: Path) -> None:
     """ONNX Runtime's dynamic int8 quantisation of the graph at ``fp32`` into ``out`` (metadata kept, plus
     ``precision: int8``)."""
+    # deferred: the optional extra simvg[export] (module docstring)
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -158,7 +161,7 @@ def _publish(staged: Path, out: Path) -> None:
 
 def max_difference(module: BranchModel, out: Path, inputs: tuple[Tensor, ...]) -> float:
     """Largest absolute difference between ONNX Runtime and eager PyTorch over both outputs."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: the optional extra simvg[export] (module docstring)
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     feeds = {name: tensor.numpy() for name, tensor in zip(INPUTS, inputs)}
@@ -182,8 +185,6 @@ def export_onnx(
     Returns (the .onnx path, the max |ONNX - PyTorch| on a fresh batch: of the fp32 graph, or with ``int8`` of the
     int8 graph against fp32 PyTorch). Raises UserError past ``TOLERANCE`` (fp32 graph) or ``INT8_TOLERANCE``.
     """
-    from simvg.data.tokenizer import BEiT3Tokenizer
-
     if branch not in (None, "token", "decoder"):
         raise UserError(f"--branch must be token or decoder, got {branch!r}")
     out = Path(out)
@@ -245,7 +246,7 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    try:
+    try:  # the extra's modules, probed first so that a missing one is the pip hint, not a traceback
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:

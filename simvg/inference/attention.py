@@ -3,7 +3,7 @@
 ``SimVG.capture_attention`` gives, per sample, a distribution over the N = h * w patches of the network input for
 each branch (the object token's attention in the encoder's last layer; the decoder query's cross-attention in the
 decoder's last layer). ``place_on_original`` puts such a grid onto the original image by sending every patch cell
-through ``simvg.data.collate.boxes_to_original``, the function that places the predicted boxes: whatever the resize
+through ``simvg.data.transforms.boxes_to_original``, the function that places the predicted boxes: whatever the resize
 (stretched, letterboxed top-left or centred), a map and a box of the same input cell cover the same original pixels,
 and padding cells (letterbox) fall outside the image and are dropped.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from simvg.data.collate import boxes_to_original
+from simvg.data.transforms import boxes_to_original
 
 
 @dataclass

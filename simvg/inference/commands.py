@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simvg.artifact import SCORE_THRESHOLD
+from PIL import Image
+from tqdm import tqdm
+
+from simvg.config import SCORE_THRESHOLD
 from simvg.errors import UserError
-from simvg.inference.quantize import precision_arguments
+from simvg.inference.draw import draw_comparison, draw_result
+from simvg.inference.grounder import Grounder, check_text
+from simvg.models.quantize import precision_arguments
+from simvg.utils.checkpoint import atomic_text_writer, atomic_write
 
 MAX_REPORTED_BAD = 10
 
@@ -44,10 +50,8 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     precision_arguments(parser)
 
 
-def load_grounder(args: argparse.Namespace, **limits: int):
+def load_grounder(args: argparse.Namespace, **limits: int) -> Grounder:
     """The ``Grounder`` the model options describe; the load's notices go to stderr."""
-    from simvg.inference.grounder import Grounder
-
     grounder = Grounder.from_checkpoint(
         args.checkpoint, device=args.device, branch=args.branch, tokenizer=args.tokenizer,
         score_threshold=args.score_threshold, weights=args.weights, precision=args.precision, threads=args.threads,
@@ -89,10 +93,6 @@ def _describe(result) -> str:
 
 def _save_image(image, out: str) -> None:
     """Write ``image`` atomically in the format its name says; an unwritable place is a UserError naming it."""
-    from PIL import Image
-
-    from simvg.utils.checkpoint import atomic_write
-
     path = Path(out)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
@@ -101,8 +101,6 @@ def _save_image(image, out: str) -> None:
 
 
 def ground_command(args: argparse.Namespace) -> int:
-    from simvg.inference.draw import draw_comparison, draw_result
-
     if args.compare and not args.out:
         raise UserError("--compare draws a picture: give --out OUT.png too")
     grounder = load_grounder(args)
@@ -206,20 +204,20 @@ def _ground_batch(
     grounder, batch: list[Query], path: Path, bad: list[str], skip_bad: bool, vis_dir: Path | None = None
 ) -> list[dict]:
     """Predictions for the good queries of one batch; image and text errors are reported per line. With
-    ``vis_dir``, each query's picture (boxes drawn) is written there as ``<id>.png``."""
-    from simvg.inference.grounder import check_text
-
-    good, images, cache = [], [], {}
+    ``vis_dir``, each query's picture (boxes drawn) is written there as ``<id>.png``. Each text and image is checked
+    once, here, so that a bad one is reported on its own line; the grounder takes them as checked."""
+    good, images, texts, cache = [], [], [], {}
     for q in batch:
         try:
-            check_text(q.text, grounder.max_text_chars)
+            text = check_text(q.text, grounder.max_text_chars)
             if q.path not in cache:
                 cache[q.path] = grounder.open_image(q.path)
             good.append(q)
             images.append(cache[q.path])
+            texts.append(text)
         except UserError as exc:
             _bad(bad, f"{path}:{q.line}: {exc}", skip_bad)
-    results = grounder.ground_batch(images, [q.text for q in good]) if good else []
+    results = grounder.ground_checked(images, texts) if good else []
     if vis_dir is not None:
         for q, r, image in zip(good, results, images):
             _save_image(r.draw(image), str(vis_dir / picture_name(q)))
@@ -256,8 +254,6 @@ def _count_lines(path: Path) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     images_dir, queries, out = Path(args.images), Path(args.queries), Path(args.out)
     if not images_dir.is_dir():
         raise UserError(f"{images_dir}: not a folder (--images)")
@@ -265,8 +261,6 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(f"{queries}: queries file not found")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    from simvg.utils.checkpoint import atomic_text_writer
-
     grounder = load_grounder(args)
     bad: list[str] = []
     written = 0

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from simvg.artifact import DEFAULT_MODELS, WEIGHTS_FILE
+from simvg.engine.metrics import grec_outcome, grec_summary, rec_accuracy, rec_hits, rec_ious
 from simvg.errors import UserError
+from simvg.inference.draw import draw_result
+from simvg.inference.grounder import Grounder
+from simvg.synthref.generator import generate_synthref
 from simvg.synthref.scene import EASY_BACKGROUND, EASY_MAX_OBJECTS
 from simvg.utils.box_ops import box_xywh_to_xyxy
 
@@ -75,8 +80,6 @@ def _truth_boxes(entry: dict[str, Any], task: str) -> list[list[float]]:
 
 def _judge(task: str, result, truth: list[list[float]], threshold: float) -> tuple[float | None, bool, Any]:
     """(IoU or None, correct, GREC outcome or None) with the evaluator's definitions."""
-    from simvg.engine.metrics import grec_outcome, rec_hits, rec_ious
-
     if task == "rec":
         iou = rec_ious(torch.tensor(result.boxes[:1]), torch.tensor(truth))
         return float(iou[0]), bool(rec_hits(iou)[0]), None
@@ -88,8 +91,6 @@ def _judge(task: str, result, truth: list[list[float]], threshold: float) -> tup
 
 def _picture(image: Image.Image, result, truth: list[list[float]], path: Path) -> None:
     """Save the annotated picture, enlarged so that small scenes stay legible."""
-    from simvg.inference.draw import draw_result
-
     factor = max(1, DISPLAY_SIDE // max(image.size))
     big = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
     scaled = dataclasses.replace(result, boxes=[[v * factor for v in b] for b in result.boxes])
@@ -124,8 +125,6 @@ def _fmt_boxes(boxes: list[list[float]]) -> str:
 
 def summary_lines(rows: list[Row], task: str) -> list[str]:
     """The printed table of one task and its overall score."""
-    from simvg.engine.metrics import grec_summary, rec_accuracy
-
     picked = [r for r in rows if r.task == task]
     head = f"{'expression':<44} {'kind':<9} {'predicted':<22} {'true':<22} {'IoU':>5}  ok"
     lines = [f"== {task.upper()}: {len(picked)} expressions", head, "-" * len(head)]
@@ -164,10 +163,6 @@ vertical-align:top}} img{{width:100%}} .wrong figcaption{{color:#b00020}} .corre
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from simvg.artifact import DEFAULT_MODELS, WEIGHTS_FILE
-    from simvg.inference.grounder import Grounder
-    from simvg.synthref.generator import generate_synthref
-
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)

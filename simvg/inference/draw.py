@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from simvg.errors import UserError
@@ -139,8 +140,6 @@ def side_by_side(panels: Sequence[Image.Image], titles: Sequence[str]) -> Image.
 def heat_overlay(image: Image.Image, values: np.ndarray) -> Image.Image:
     """``image`` (RGB) under a heat map of ``values`` [H, W] (same size; e.g. ``AttentionMaps.maps[branch]``),
     coloured by ``HEAT_COLOURMAP`` scaled to the map's own maximum and blended at ``HEAT_ALPHA``."""
-    from matplotlib import colormaps  # deferred: matplotlib's import is heavy and only heat maps need it
-
     if values.shape != (image.height, image.width):
         raise ValueError(f"map {values.shape} does not match the image ({image.height}, {image.width})")
     peak = float(np.nanmax(values)) if values.size else 0.0

@@ -31,18 +31,20 @@ from PIL import Image
 from torch import Tensor
 
 from simvg import artifact
-from simvg.data.collate import boxes_to_original
-from simvg.data.transforms import preprocess
+from simvg.data.transforms import boxes_to_original, preprocess
 from simvg.errors import UserError
 from simvg.inference import loading, provenance
 from simvg.inference.attention import AttentionMaps, place_on_original
+from simvg.inference.draw import draw_attention, draw_result
+from simvg.models.quantize import set_threads
 from simvg.utils.box_ops import box_iou
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray  # an array: [H, W] or [H, W, 3|4], RGB(A) order
-BRANCHES = ("token", "decoder")
+BRANCHES = artifact.BRANCHES  # ("token", "decoder"), defined once with the model spec
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a decompression bomb is not
+NO_PIXEL_LIMIT = 2**62  # drawing on an image that was already grounded (and size-checked) re-checks nothing
 # No limit by default: a long expression is cut to the model's token budget and the result's warnings say so. The
-# server sets its own limit (simvg.serve.app.ServeLimits.max_text_chars).
+# server checks its own limit (simvg.serve.app.ServeLimits.max_text_chars) before a text reaches the grounder.
 DEFAULT_MAX_TEXT_CHARS: int | None = None
 CONFIDENCE_METHOD = "branch_agreement"  # what a result's "confidence" is (see the module docstring)
 
@@ -95,22 +97,18 @@ class GroundingResult:
 
     def draw(self, image: Any) -> Image.Image:
         """``image`` (what was grounded: a path, bytes, PIL image or array) with this result's boxes drawn."""
-        from simvg.inference.draw import draw_result
-
         if isinstance(image, np.ndarray):
             image = array_to_image(image)
-        return draw_result(loading.open_rgb(image, max_pixels=2**62), self)  # EXIF-rotated, as when grounded
+        return draw_result(loading.open_rgb(image, max_pixels=NO_PIXEL_LIMIT), self)  # EXIF-rotated, as when grounded
 
     def draw_attention(self, image: Any, branch: str | None = None) -> Image.Image:
         """``image`` with where the model looked (``ground(..., attention=True)``): both branches side by side, or
         only ``branch``'s map; each with that branch's boxes."""
-        from simvg.inference.draw import draw_attention
-
         if self.attention is None:
             raise UserError("this result has no attention maps: ground with attention=True")
         if isinstance(image, np.ndarray):
             image = array_to_image(image)
-        return draw_attention(loading.open_rgb(image, max_pixels=2**62), self, branch)
+        return draw_attention(loading.open_rgb(image, max_pixels=NO_PIXEL_LIMIT), self, branch)
 
 
 def array_to_image(array: np.ndarray) -> Image.Image:
@@ -163,8 +161,6 @@ class Grounder:
     ) -> None:
         """``confidence``: True computes the branch agreement for every answer, False never, None (auto) whenever
         that costs no extra run of the decoder (the decoder answers)."""
-        from simvg.inference.quantize import set_threads
-
         set_threads(threads)  # torch's intra-op threads (None: as they are); process-wide
         self.runner = runner
         self.tokenizer = tokenizer
@@ -256,17 +252,25 @@ class Grounder:
         branch = branch or self.branch
         if branch not in BRANCHES:
             raise UserError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+        clean = [check_text(t, self.max_text_chars) for t in texts]
+        return self.ground_checked([self.open_image(img) for img in images], clean, branch, attention)
+
+    def ground_checked(
+        self, images: Sequence[Image.Image], texts: Sequence[str], branch: str | None = None, attention: bool = False
+    ) -> list[GroundingResult]:
+        """``ground_batch`` of inputs already checked, each once: ``images`` decoded by ``open_image``, ``texts``
+        cleaned by ``check_text`` (with ``max_text_chars``), ``branch`` None or one of ``BRANCHES``. For callers
+        that check every input themselves to report a bad one on its own (``simvg predict``)."""
+        branch = branch or self.branch
         if not images:
             return []
-        clean = [check_text(t, self.max_text_chars) for t in texts]
-        pils = [self.open_image(img) for img in images]
-        tensors, metas = zip(*(preprocess(p, self.spec.preprocess) for p in pils))
-        ids, pad_mask, infos = loading.tokenize(self.tokenizer, clean)
+        tensors, metas = zip(*(preprocess(p, self.spec.preprocess) for p in images))
+        ids, pad_mask, infos = loading.tokenize(self.tokenizer, list(texts))
         run = loading.run_branches(self.runner, torch.stack(tensors), ids, pad_mask,
                                    self.branches_to_run(branch, attention), attention)  # fmt: skip
         detections = {b: artifact.postprocess(*out, self.score_threshold) for b, out in run.outputs.items()}
         results = []
-        for i, (text, pil, meta, info) in enumerate(zip(clean, pils, metas, infos)):
+        for i, (text, pil, meta, info) in enumerate(zip(texts, images, metas, infos)):
             result = self._result(text, pil, meta, detections[branch][i], info, branch)
             others = {b: kept_original(d[i], meta) for b, d in detections.items() if b != branch}
             if others:

@@ -18,7 +18,11 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from simvg import artifact
+from simvg.data.image_io import load_image, to_rgb
+from simvg.data.tokenizer import UNK_ID, BEiT3Tokenizer
 from simvg.errors import UserError
+from simvg.models.beit3 import compile_for_inference
+from simvg.models.quantize import check_precision, set_threads
 
 # (images [B,3,S,S], text_ids [B,L], text_pad_mask [B,L], branch) -> (logits [B,Q,2], boxes [B,Q,4]) on CPU.
 # A runner may also offer ``run`` (``RunOutput`` of several branches from one forward pass, optionally with the
@@ -55,8 +59,6 @@ class TorchRunner:
     branches = ("token", "decoder")
 
     def __init__(self, model: torch.nn.Module, device: torch.device, compile: bool = False) -> None:
-        from simvg.models.beit3 import compile_for_inference
-
         self.model = model.eval().to(device)
         self.eager = self.model  # attention capture hooks into the eager modules (a compiled graph has none)
         if compile:
@@ -92,7 +94,7 @@ class OnnxRunner:
 
     def __init__(self, path: Path, device: torch.device) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # deferred: an optional extra ([export]), needed by ONNX files only
         except ImportError:
             raise UserError("the ONNX backend needs onnxruntime: pip install 'simvg[export]'") from None
         providers = ["CPUExecutionProvider"]
@@ -150,8 +152,6 @@ def run_branches(
 
 def open_rgb(image: str | Path | bytes | Image.Image, max_pixels: int) -> Image.Image:
     """A path, encoded bytes or PIL image -> 8-bit RGB, EXIF-rotated, at most ``max_pixels`` pixels."""
-    from simvg.data.image_io import load_image, to_rgb
-
     if not isinstance(image, Image.Image):
         return load_image(image, max_pixels=max_pixels)
     if image.width * image.height > max_pixels:
@@ -161,8 +161,6 @@ def open_rgb(image: str | Path | bytes | Image.Image, max_pixels: int) -> Image.
 
 def tokenize(tokenizer: Any, texts: list[str]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
     """ids [B, L], pad mask [B, L] and per text {num_tokens, truncated, warnings}; tokenizer errors are UserErrors."""
-    from simvg.data.tokenizer import UNK_ID
-
     infos = []
     try:
         for text in texts:
@@ -197,14 +195,11 @@ def load_bundle(
     """Load the model at ``path`` for ``backend`` "torch" or "onnx"; ``branch=None`` takes the model's default (an
     ONNX file's own branch).
 
-    ``precision``: "int8" quantises a PyTorch model (``simvg.inference.quantize``; CPU only) or asks for an ONNX
+    ``precision``: "int8" quantises a PyTorch model (``simvg.models.quantize``; CPU only) or asks for an ONNX
     graph exported with ``--int8``; "fp32" the model as stored; None: fp32 for PyTorch, an ONNX graph as exported.
     ``threads``: intra-op threads of torch and ONNX Runtime (None: torch's current setting). ``compile``: run an fp32
     PyTorch model under ``torch.compile`` with freezing (slow first call per input shape, then faster).
     """
-    from simvg.data.tokenizer import BEiT3Tokenizer
-    from simvg.inference.quantize import check_precision, set_threads
-
     if backend not in ("torch", "onnx"):
         raise UserError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     if branch is not None and branch not in artifact.BRANCHES:

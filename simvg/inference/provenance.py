@@ -25,14 +25,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from simvg.data.tokenizer import UNK_ID, clean_expression
+from simvg.synthref.scene import COLOURS
+
 PHOTO_THRESHOLD = 0.25
 _SIDE = 128
 
 
 def unlike_synthref(image: Image.Image) -> float:
     """Share (0-1) of the pixels of ``image`` whose colour no SynthRef scene has (see the module docstring)."""
-    from simvg.synthref.scene import COLOURS
-
     small = image.convert("RGB")
     small.thumbnail((_SIDE, _SIDE), Image.Resampling.BOX)
     hsv = np.asarray(small.convert("HSV"), dtype=np.float32) / 255.0
@@ -62,8 +63,6 @@ def photo_warning(image: Image.Image) -> str | None:
 def unknown_words(tokenizer: Any, text: str) -> list[str]:
     """Words of ``text`` (cleaned as the model sees it) that ``tokenizer`` spells out in fragments of <= 2
     characters, or that hold an unknown piece; each once, in order."""
-    from simvg.data.tokenizer import UNK_ID, clean_expression
-
     words: list[str] = []
     for word in dict.fromkeys(clean_expression(text).split()):
         if len(word) < 3:

@@ -12,7 +12,7 @@ Differences from torchscale that do not change the maths:
   weight is concatenated from the original ``q_proj``/``k_proj``/``v_proj`` parameters (cached when no gradient is
   needed), so ``state_dict`` keys stay the official ones. Projections that are no longer float ``nn.Linear`` (after
   ``torch.ao.quantization.quantize_dynamic``) run one by one; ``MultiwayAttention.pack_qkv`` replaces them by one
-  ``nn.Linear`` per expert for inference-only models (``simvg.inference.quantize`` packs, then quantises).
+  ``nn.Linear`` per expert for inference-only models (``simvg.models.quantize`` packs, then quantises).
 
 ``load_beit3_pretrained`` reads an official checkpoint (``{"model": {"beit3.<key>": tensor}}``), resamples the vision
 position table and the patch kernel when the image/patch size differs (224/16 -> 640/32 as SimVG does) and reports
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -545,9 +547,6 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> object:
     if not path.is_file():
         raise UserError(f"{path}: BEiT-3 checkpoint not found")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as err:

@@ -22,7 +22,12 @@ answers only requests whose ``Host`` is a loopback name, the address it listens 
 error.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations at run time, and
-``Request`` is imported inside ``create_app`` so that importing this module never needs FastAPI.
+``Request`` is imported inside ``create_app`` so that importing this module never needs FastAPI. FastAPI, Starlette
+and uvicorn are the optional extra ``simvg[serve]``: every import of them sits inside the function that needs it, so
+that ``simvg`` without the extra still runs every other command (and ``simvg serve`` says what to install).
+
+The text-length limit is the server's own (``ServeLimits.max_text_chars``), checked once per request before the
+request takes a queue slot; the grounder ``simvg serve`` loads has no limit of its own.
 """
 
 import argparse
@@ -43,15 +48,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
+from simvg.artifact import ASSETS
 from simvg.errors import UserError
 from simvg.inference.commands import load_grounder, model_arguments
 from simvg.inference.draw import heat_overlay
-from simvg.inference.grounder import BRANCHES, DEFAULT_MAX_PIXELS
+from simvg.inference.grounder import BRANCHES, DEFAULT_MAX_PIXELS, check_text
+from simvg.synthref.lang import AXES
+from simvg.synthref.scene import COLOURS, SHAPES, SIZES
+from simvg.synthref.text import ORDINAL_WORDS, RELATION_WORDS
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
 
 STATIC_DIR = Path(__file__).parent / "static"
+MIB = 2**20  # bytes in a MiB (--max-upload-mb)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 SECURITY_HEADERS = {
@@ -71,7 +83,7 @@ log = logging.getLogger("simvg.serve")
 class ServeLimits:
     """Everything a client can make the server spend, bounded."""
 
-    max_upload_bytes: int = 10 * 2**20  # whole request body
+    max_upload_bytes: int = 10 * MIB  # whole request body
     max_pixels: int = DEFAULT_MAX_PIXELS  # decoded image (pixel bombs), the Grounder's own default
     max_text_chars: int = 1000
     queue_size: int = 8  # requests waiting or running at once; one more is a 503
@@ -112,13 +124,14 @@ class ModelWorker:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None):
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse  # deferred: the optional extra simvg[serve] (module docstring)
 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _limited(request: "Request", max_bytes: int) -> "Request":
     """The same request with a body reader that fails with 413 past ``max_bytes`` (covers chunked uploads)."""
+    # deferred: the optional extra simvg[serve] (module docstring)
     from fastapi import HTTPException
     from starlette.requests import Request as StarletteRequest
 
@@ -140,7 +153,7 @@ _FLAG_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False,
 
 async def _read_form(request: "Request", limits: ServeLimits) -> tuple[bytes, str, str | None, bool]:
     """(image bytes, text, branch or None, attention) from the multipart body; UserError for a malformed one."""
-    from starlette.datastructures import UploadFile
+    from starlette.datastructures import UploadFile  # deferred: the optional extra simvg[serve] (module docstring)
 
     form = await _limited(request, limits.max_upload_bytes).form(max_files=1, max_fields=4)
     image, text, branch = form.get("image"), form.get("text"), form.get("branch") or None
@@ -220,8 +233,6 @@ class GuardMiddleware:
 
 def model_name(source: str) -> str:
     """What ``/healthz`` shows of the model: a name, never the absolute path (the embedded defaults by name)."""
-    from simvg.artifact import ASSETS
-
     path = Path(source)
     if path.is_relative_to(ASSETS):
         return f"embedded {path.relative_to(ASSETS).parts[0]}"
@@ -247,18 +258,15 @@ def known_words(spec: Any) -> dict[str, list[str]]:
     a model can have learned a meaning for."""
     if not getattr(spec, "synthetic_only", False):
         return {}
-    from simvg.synthref.lang import AXES
-    from simvg.synthref.scene import COLOURS, SHAPES, SIZES
-    from simvg.synthref.text import ORDINAL_WORDS, RELATION_WORDS
-
     return {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES),
             "places": [*AXES, "middle", *ORDINAL_WORDS.values()],
             "relations": [words[0] for words in RELATION_WORDS.values()]}  # fmt: skip
 
 
-def describe_model(grounder: Any) -> dict[str, Any]:
+def describe_model(grounder: Any, max_text_chars: int | None = None) -> dict[str, Any]:
     """What ``GET /api/model`` says of the loaded model: name (never a path), task, default branch, score
-    threshold (GREC keeps the boxes over it; REC always answers its one box), input size, provenance, vocabulary."""
+    threshold (GREC keeps the boxes over it; REC always answers its one box), input size, provenance, vocabulary,
+    and the server's text limit (the page's input takes it from here: the limit is written once)."""
     spec = getattr(grounder, "spec", None)
     preprocess = getattr(spec, "preprocess", None)
     return {
@@ -269,6 +277,7 @@ def describe_model(grounder: Any) -> dict[str, Any]:
         "score_threshold": getattr(grounder, "score_threshold", None),
         "image_size": getattr(preprocess, "image_size", None),
         "max_tokens": getattr(preprocess, "max_tokens", None),
+        "max_text_chars": max_text_chars,
         "trained_on": without_paths(getattr(spec, "trained_on", "")),
         "synthetic_only": bool(getattr(spec, "synthetic_only", False)),
         "vocabulary_size": getattr(getattr(grounder, "tokenizer", None), "vocab_size", None),
@@ -284,12 +293,11 @@ def create_app(
 
     ``allowed_hosts``: the ``Host`` names answered (``allowed_hosts_for``; ``simvg serve`` always sets them); None
     answers any ``Host`` (tests, or a server behind a proxy that checks it)."""
+    # deferred: the optional extra simvg[serve] (module docstring)
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.requests import ClientDisconnect
-
-    from simvg.inference.grounder import check_text
 
     limits = limits or ServeLimits()
     worker = ModelWorker(limits.queue_size, limits.timeout_s)
@@ -321,7 +329,7 @@ def create_app(
 
     @app.get("/api/model")
     async def model() -> dict:
-        return describe_model(grounder)
+        return describe_model(grounder, limits.max_text_chars)
 
     @app.post("/api/ground")
     async def ground(request: Request):
@@ -331,7 +339,7 @@ def create_app(
         start = time.perf_counter()
         try:
             image, text, branch, attention = await _read_form(request, limits)
-            text = check_text(text, limits.max_text_chars)  # the server's own limit, whatever the grounder's
+            text = check_text(text, limits.max_text_chars)  # the one text check of a request (module docstring)
             if attention:
                 result, overlays = await worker.run(attention_overlays, grounder, image, text, branch)
             else:
@@ -363,7 +371,7 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also answer this Host name (repeatable; loopback and --host always)")  # fmt: skip
     model_arguments(parser)
     defaults = ServeLimits()
-    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20)
+    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / MIB)
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
     parser.add_argument("--queue-size", type=int, default=defaults.queue_size, help="requests in flight before 503")
@@ -392,14 +400,14 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run_server(app: Any, sock: socket.socket) -> None:
     """Serve ``app`` with uvicorn on the bound ``sock`` until interrupted."""
-    import uvicorn
+    import uvicorn  # deferred: the optional extra simvg[serve] (module docstring)
 
     host, port = sock.getsockname()[:2]
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    try:
+    try:  # the extra's modules, probed first so that a missing one is the pip hint, not a traceback
         import fastapi  # noqa: F401
         import multipart  # noqa: F401
         import uvicorn  # noqa: F401
@@ -411,15 +419,13 @@ def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: a TCP port lies in 0-65535")
     limits = ServeLimits(
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_upload_bytes=int(args.max_upload_mb * MIB),
         max_pixels=args.max_pixels,
         max_text_chars=args.max_text_chars,
         queue_size=args.queue_size,
         timeout_s=args.timeout,
     )
-    grounder = load_grounder(args, max_pixels=limits.max_pixels, max_text_chars=limits.max_text_chars)
-    from PIL import Image
-
+    grounder = load_grounder(args, max_pixels=limits.max_pixels)  # the text limit is the server's (docstring)
     grounder.ground(Image.new("RGB", (64, 64)), "a")  # the first forward is slow; pay it before any user does
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]

@@ -54,6 +54,7 @@ function clearResults() {
 
 function describeModel(model) {
   $("model-name").textContent = model.name;
+  if (Number.isInteger(model.max_text_chars)) $("text").maxLength = model.max_text_chars;  // the server's limit
   $("model-task").textContent = model.task === "grec"
     ? "GREC: every object the expression names (zero, one or many boxes)"
     : model.task === "rec" ? "REC: the one object the expression names (one box)" : String(model.task);

@@ -1,5 +1,7 @@
 """Dynamic int8 inference: the one place where a SimVG model becomes int8, used by every path that loads a model
-(``Grounder.from_checkpoint``, ``ground``/``predict``/``serve``/``eval --precision int8``, the benchmarks).
+(``Grounder.from_checkpoint``, ``ground``/``predict``/``serve``/``eval --precision int8``, the benchmarks), and the
+``--precision``/``--threads`` options that ask for it. It depends on the model modules only, so ``simvg.artifact``
+(which loads int8 models) and both command layers (``engine``, ``inference``) import it downwards.
 
 What is quantised, with PyTorch's own eager-mode quantisation (``torch.ao.quantization``, no new dependency):
 - every float ``nn.Linear`` of the encoder and of the heads (``quantize_dynamic``): weights int8 per output channel,
