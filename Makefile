@@ -24,15 +24,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/simvg demo
 
-# The embedded REC default's recipe (docs/results.md): data, then the starter stage, then the easy stage (~45 min on
-# one core). Ship it: simvg export weights --checkpoint runs/synthref_rec/last.pth --out simvg/assets/default --half
+# The embedded REC default's recipe (docs/results.md): data (the starter folder only for its tokenizer, the word ids of
+# every SynthRef recipe), then pre-training of the encoder on linked SynthRef captions (2000 steps), then SimVG on the
+# easy level from that encoder (2400 steps); ~44 + 44 min on one core each (the two ran side by side on 2 cores).
+# Run it again after an interruption: each stage resumes from its last.pth. Ship it:
+# simvg export weights --checkpoint runs/synthref_rec/last.pth --out simvg/assets/default --half
 default-rec: $(STAMP)
 	test -f data/synthref_rec_starter/instances.json || $(BIN)/simvg data synth --out data/synthref_rec_starter \
 		--task rec --num-images 4000 --image-size 128 --seed 2 --max-objects 2 --background plain
 	test -f data/synthref_rec_easy/instances.json || $(BIN)/simvg data synth --out data/synthref_rec_easy \
 		--task rec --num-images 4000 --image-size 128 --seed 0 --max-objects 4 --background plain
-	$(BIN)/simvg train configs/synthref_rec_starter.yaml
-	$(BIN)/simvg train configs/synthref_rec.yaml
+	$(BIN)/simvg pretrain configs/pretrain/synthref_align.yaml $$(test -f runs/pretrain_synthref/last.pth && echo --resume)
+	$(BIN)/simvg train configs/synthref_rec.yaml $$(test -f runs/synthref_rec/last.pth && echo --resume)
 
 # The embedded GREC default's recipe: from the REC default's run (make default-rec first), two stages on the easy
 # GREC level (~57 min on one core).
@@ -45,7 +48,8 @@ default-grec: $(STAMP)
 	$(BIN)/simvg train configs/synthref_grec.yaml
 
 # Mutation testing of the core formula modules ([tool.mutmut] in pyproject.toml; docs/mutation.md has the last run).
-# Not part of `make test`: about 35 minutes on a shared 2-core VM. Results and the mutated copy live in mutants/;
+# Not part of `make test`: a whole run took 34 min on a shared 2-core VM before tests/test_hardening.py joined the
+# selection (docs/mutation.md has each run's time). Results and the mutated copy live in mutants/;
 # `$(BIN)/mutmut show NAME` prints one mutant, `$(BIN)/mutmut browse` browses them. MUTATE_JOBS: parallel mutants.
 MUTATE_STAMP := $(VENV)/.mutate-installed
 MUTATE_JOBS ?= 1

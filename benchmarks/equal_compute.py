@@ -10,7 +10,8 @@ equal wall time means equal compute.
         --arm "pretrain=runs/b_pretrain,runs/b_easy" --out docs/results/equal_compute_easy.png
 
 prints, per arm, a markdown table of every validation point (stage, step, minutes, decoder / token Acc@0.5 or the
-pre-training metrics) and the minutes to reach each accuracy level, and draws the curves.
+pre-training metrics) and, per stage (each validates on its own level), the minutes to reach each accuracy level,
+and draws the curves.
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ def table(name: str, points: list[Point]) -> str:
         pre = " / ".join(f"{p.values[k]:.1f}" for k in ("t2p_acc", "mlm_acc", "object_acc") if k in p.values)
         cells = [f"{db:.1f}" if db is not None else "", f"{tb:.1f}" if tb is not None else ""]
         rows.append(f"| {p.stage} | {p.step} | {p.minutes:.1f} | {cells[0]} | {cells[1]} | {pre} |")
-    for key, label in (("val/decoder/acc", "decoder"), ("val/token/acc", "token")):
-        hits = [first_crossing(points, key, level) for level in LEVELS]
-        text = ", ".join(f">= {lv:.0f} % at {m:.1f} min" if m is not None else f">= {lv:.0f} % never"
-                         for lv, m in zip(LEVELS, hits))  # fmt: skip
-        rows.append(f"\n{label}: {text}")
+    # Crossings per stage: stages validate on their own data (a starter-level 50 % is not an easy-level 50 %).
+    for stage in dict.fromkeys(p.stage for p in points if "val/decoder/acc" in p.values):
+        for key, label in (("val/decoder/acc", "decoder"), ("val/token/acc", "token")):
+            hits = [first_crossing([p for p in points if p.stage == stage], key, level) for level in LEVELS]
+            text = ", ".join(f">= {lv:.0f} % at {m:.1f} min" if m is not None else f">= {lv:.0f} % never"
+                             for lv, m in zip(LEVELS, hits))  # fmt: skip
+            rows.append(f"\n{stage}, {label}: {text}")
     return "\n".join(rows)
 
 

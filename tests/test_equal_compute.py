@@ -52,5 +52,22 @@ def test_main_prints_tables_and_draws(tmp_path: Path, capsys: pytest.CaptureFixt
     assert equal_compute.main(["--arm", f"scratch={run}", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| a | 10 | 1.0 | 21.0 | 5.0 |" in text
-    assert "decoder: >= 20 % at 1.0 min, >= 30 % never" in text
+    assert "a, decoder: >= 20 % at 1.0 min, >= 30 % never" in text
     assert out.stat().st_size > 0
+
+
+def test_crossings_are_per_stage(tmp_path: Path) -> None:
+    """A starter-level 60 % must not count as reaching 50 % on the easy level of the next stage."""
+    starter = write_run(tmp_path / "starter", [
+        {"event": "start", "time": 0.0, "step": 0},
+        {"event": "val", "time": 120.0, "step": 10, "val/decoder/acc": 60.0, "val/token/acc": 60.0},
+    ])  # fmt: skip
+    easy = write_run(tmp_path / "easy", [
+        {"event": "start", "time": 500.0, "step": 0},
+        {"event": "val", "time": 560.0, "step": 10, "val/decoder/acc": 40.0, "val/token/acc": 20.0},
+        {"event": "val", "time": 620.0, "step": 20, "val/decoder/acc": 51.0, "val/token/acc": 30.0},
+    ])  # fmt: skip
+    text = equal_compute.table("arm", equal_compute.arm_points([starter, easy]))
+    assert "starter, decoder: >= 20 % at 2.0 min, >= 30 % at 2.0 min, >= 50 % at 2.0 min" in text
+    assert "easy, decoder: >= 20 % at 3.0 min, >= 30 % at 3.0 min, >= 50 % at 4.0 min" in text
+    assert "easy, token: >= 20 % at 3.0 min, >= 30 % at 4.0 min, >= 50 % never" in text
