@@ -156,6 +156,7 @@ CONV = {"encoder.stem": "conv"}  # early convolutions: shapes are visible to a s
 EASY = f" --max-objects {EASY_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # the embedded defaults' level
 STARTER = f" --max-objects {STARTER_MAX_OBJECTS} --background {EASY_BACKGROUND}"  # two objects: stage 1, ablation
 STAGE1 = "runs/synthref_rec_starter"  # the starter level (two objects): the scratch curriculum's stage 1
+PRETRAIN_CONFIG = "configs/pretrain/synthref_align.yaml"  # the REC default's pre-training
 PRETRAIN = "runs/pretrain_synthref"  # simvg pretrain configs/pretrain/synthref_align.yaml: the REC default's encoder
 STAGE2 = "runs/synthref_rec"  # the REC default's run; the GREC default starts from its last.pth
 GREC1 = "runs/synthref_grec_start"  # stage 1 of the GREC default; stage 2 (synthref_grec) starts from its last.pth
@@ -273,7 +274,7 @@ def render(name: str, cfg: Config) -> str:
     if name in SYNTH_DATA:
         header += f"# Data: {SYNTH_DATA[name]}\n"
     if name == "synthref_rec":
-        header += "# The REC default, from the pre-trained encoder: first simvg pretrain configs/pretrain/synthref_align.yaml\n"
+        header += "# The REC default, from the pre-trained encoder: first simvg pretrain " + PRETRAIN_CONFIG + "\n"
     if name == "synthref_grec_start":
         header += "# Stage 1 of the GREC default, from the REC default's run: first make default-rec.\n"
     if name == "synthref_grec":

@@ -22,13 +22,18 @@ from simvg.engine.optim import MultiStepLRWarmUp, build_optimizer, lr_factor
 from simvg.errors import UserError
 from simvg.utils import checkpoint as C
 from simvg.utils.checkpoint import (
+    CHECKPOINT_KEYS,
     atomic_torch_save,
     clean_state_dict,
     load_checkpoint,
     load_model_state,
     remove_stale_temporaries,
+    restore_rng,
+    restore_run,
     rng_state,
+    run_checkpoint,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
     unwrap_model,
 )
@@ -668,3 +673,139 @@ def test_set_rng_state_restores_cuda_only_onto_the_same_device_count(
     calls = _fake_cuda(monkeypatch, available, count)
     C.set_rng_state(state)
     assert calls == ([state["cuda"]] if restored else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A training run's checkpoint: seed_everything, run_checkpoint, restore_run, restore_rng (in-process, a 3-4-2 model)
+
+
+def _draws() -> tuple[float, float, float]:
+    """One draw from each global RNG a training step uses: Python's, NumPy's and torch's."""
+    return random.random(), float(np.random.random()), torch.rand(()).item()
+
+
+def _run_objects(seed: int, ema: bool = True, init_scale: float = 65536.0):
+    """A fresh Tiny model (weights from ``seed``) with its optimiser, scheduler, enabled CPU GradScaler and EMA."""
+    torch.manual_seed(seed)
+    model = Tiny()
+    opt = build_optimizer(model, lr=1e-2)
+    return model, opt, MultiStepLRWarmUp(opt, warmup=1, milestones=[3]), torch.amp.GradScaler("cpu",
+            init_scale=init_scale), ModelEma(model) if ema else None  # fmt: skip
+
+
+PROGRESS = {"epoch": 3, "epoch_step": 5, "step": 41, "best_metric": 47.5, "metrics": {"val/decoder/acc": 45.0}}
+CONFIG = {"train": {"lr": 0.01, "milestones": [3]}}
+
+
+@pytest.mark.parametrize("seed, numpy_seed", [(7, 7), (2**32 + 7, 7)])
+def test_seed_everything_seeds_python_numpy_and_torch(seed: int, numpy_seed: int) -> None:
+    """Catches a generator left unseeded (seeded from the clock instead) and NumPy's seed not taken modulo 2**32
+    (NumPy refuses seeds >= 2**32; ``seed % 2 * 32`` would give 32): each draw is compared with a generator of
+    its own library seeded by hand."""
+    seed_everything(seed)
+    expected = (random.Random(seed).random(), float(np.random.RandomState(numpy_seed).random_sample()),
+                torch.rand((), generator=torch.Generator().manual_seed(seed)).item())  # fmt: skip
+    assert _draws() == expected
+
+
+def test_run_checkpoint_holds_each_state_under_its_own_key(tmp_path: Path) -> None:
+    """Catches a field dropped, renamed or taken from the wrong object: every value is checked against what was
+    put in (two Adam steps, a scheduler at epoch 2, EMA after 2 updates, a GradScaler at scale 8)."""
+    model, opt, sched, ema, _ = trained_state(tmp_path)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    rngs = [rng_state(), rng_state()]
+    ckpt = run_checkpoint(model, opt, sched, scaler, ema, PROGRESS, CONFIG, rngs)
+    assert set(ckpt) == set(CHECKPOINT_KEYS) - {"version", "sha256"}  # save_checkpoint adds those two
+    assert ckpt["model"].keys() == {"encoder.weight", "encoder.bias", "head.weight", "head.bias", "count"}
+    assert torch.equal(ckpt["model"]["head.weight"], model.head.weight)
+    # the EMA's own weights, not the model's (after two updates at decay 1/10 and 2/11 they differ)
+    assert ckpt["ema"]["updates"] == 2 and ckpt["ema"]["decay"] == 0.999
+    assert torch.equal(ckpt["ema"]["module"]["head.weight"], ema.module.head.weight)
+    assert not torch.equal(ckpt["ema"]["module"]["head.weight"], model.head.weight)
+    assert [s["step"].item() for s in ckpt["optimizer"]["state"].values()] == [2.0] * 4
+    assert ckpt["scheduler"]["last_epoch"] == 2
+    assert ckpt["scaler"]["scale"] == 8.0
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"], ckpt["best_metric"]) == (3, 5, 41, 47.5)
+    assert ckpt["metrics"] == {"val/decoder/acc": 45.0} and ckpt["config"] is CONFIG and ckpt["rng"] is rngs
+    # the metrics are a copy: a later validation updating the run's dict does not rewrite this checkpoint
+    progress = {**PROGRESS, "metrics": dict(PROGRESS["metrics"])}
+    ckpt = run_checkpoint(model, opt, sched, scaler, ema, progress, CONFIG, rngs)
+    progress["metrics"]["val/decoder/acc"] = 50.0
+    assert ckpt["metrics"] == {"val/decoder/acc": 45.0}
+
+
+def test_run_checkpoint_without_ema_or_scaler_stores_none(tmp_path: Path) -> None:
+    """Catches ``ema.state_dict()`` called on a run without EMA and a disabled GradScaler's state being saved."""
+    model, opt, sched, _, _ = trained_state(tmp_path)
+    ckpt = run_checkpoint(model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), None, PROGRESS, CONFIG, [])
+    assert ckpt["ema"] is None and ckpt["scaler"] is None
+
+
+def test_restore_run_puts_every_state_back(tmp_path: Path) -> None:
+    """Catches a state not restored (or restored from another key): a fresh model, optimiser, scheduler, scaler
+    and EMA, through a real save and load, end up as the trained ones."""
+    model, opt, sched, ema, _ = trained_state(tmp_path)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, run_checkpoint(model, opt, sched, scaler, ema, PROGRESS, CONFIG, [rng_state()]))
+    model2, opt2, sched2, scaler2, ema2 = _run_objects(seed=1)
+    assert not torch.equal(model2.head.weight, model.head.weight)
+    restore_run(load_checkpoint(path), model2, opt2, sched2, scaler2, ema2, str(path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[key], value), key
+    assert [s["step"].item() for s in opt2.state_dict()["state"].values()] == [2.0] * 4
+    assert torch.equal(opt2.state[model2.head.weight]["exp_avg"], opt.state[model.head.weight]["exp_avg"])
+    # epoch 2 of warm-up 1, milestone 3: gamma 0.1 once -> 1e-3 (head), 1e-4 (encoder, lr scale 0.1);
+    # a fresh scheduler would be at epoch 0, half the rate in warm-up
+    assert sched2.last_epoch == 2 and sorted(sched2.get_last_lr()) == pytest.approx([1e-4, 1e-3])
+    assert scaler2.get_scale() == 8.0
+    assert ema2.updates == 2 and torch.equal(ema2.module.head.weight, ema.module.head.weight)
+
+
+def test_restore_run_leaves_ema_and_scaler_alone_when_the_checkpoint_has_none(tmp_path: Path) -> None:
+    """Catches the EMA or GradScaler being loaded from a ``None`` entry (``or`` for ``and``), and an EMA loaded
+    into a run that has none."""
+    model, opt, sched, _, _ = trained_state(tmp_path)
+    obj = run_checkpoint(model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), None, PROGRESS, CONFIG, [])
+    model2, opt2, sched2, scaler2, ema2 = _run_objects(seed=1, init_scale=4.0)
+    before = ema2.module.head.weight.clone()
+    restore_run(obj, model2, opt2, sched2, scaler2, ema2, "last.pth")
+    assert scaler2.get_scale() == 4.0 and ema2.updates == 0 and torch.equal(ema2.module.head.weight, before)
+    # a checkpoint with EMA resumed by a run without one: nothing to load it into, and no error
+    obj["ema"] = ModelEma(model).state_dict()
+    restore_run(obj, *_run_objects(seed=1, ema=False), "last.pth")
+
+
+def test_restore_run_loads_the_weights_strictly_and_names_the_file(tmp_path: Path) -> None:
+    """Catches a non-strict load (a checkpoint missing a weight would resume from random weights) and the error
+    naming something other than the checkpoint's path."""
+    model, opt, sched, ema, _ = trained_state(tmp_path)
+    obj = run_checkpoint(model, opt, sched, torch.amp.GradScaler("cpu"), ema, PROGRESS, CONFIG, [])
+    del obj["model"]["head.bias"]
+    with pytest.raises(UserError) as info:
+        restore_run(obj, *_run_objects(seed=1), "runs/a/last.pth")
+    assert str(info.value) == "runs/a/last.pth: 1 missing keys: head.bias"
+
+
+def test_restore_rng_puts_back_this_ranks_states() -> None:
+    """Catches the comparison inverted, the wrong return value, and another rank's state (or none) restored:
+    rank 1 of 2 must continue exactly where rank 1's generators were when the checkpoint was written."""
+    seed_everything(1)
+    rank0 = rng_state()
+    seed_everything(2)
+    rank1 = rng_state()
+    expected = _draws()
+    seed_everything(3)
+    assert restore_rng([rank0, rank1], rank=1, world_size=2) is True
+    assert _draws() == expected
+
+
+def test_restore_rng_from_another_world_size_touches_nothing() -> None:
+    """Catches states restored from a checkpoint of another process count (or True returned): the generators
+    keep the stream of the seed set before, compared with generators seeded by hand."""
+    seed_everything(1)
+    states = [rng_state()]
+    seed_everything(3)
+    assert restore_rng(states, rank=0, world_size=2) is False
+    assert _draws() == (random.Random(3).random(), float(np.random.RandomState(3).random_sample()),
+                        torch.rand((), generator=torch.Generator().manual_seed(3)).item())  # fmt: skip

@@ -117,8 +117,10 @@ def test_streamed_int8_load_equals_quantising_the_loaded_model(folder):
     in_memory = quantize.quantize_model(load_artifact(folder).model)
     with torch.inference_mode():
         a, b = streamed(*inputs()), in_memory(*inputs())
+    # Float rounding only (seen: 6e-8 once in the full suite, the int8 kernels' reduction order varying between
+    # calls); a different quantisation (other scales, another layer left in fp32) moves boxes by 1e-3 or more.
     for branch in ("token", "decoder"):
-        torch.testing.assert_close(a[branch]["pred_boxes"], b[branch]["pred_boxes"], atol=0, rtol=0)
+        torch.testing.assert_close(a[branch]["pred_boxes"], b[branch]["pred_boxes"], atol=1e-6, rtol=0)
 
 
 def test_build_int8_reads_one_layer_at_a_time(folder):

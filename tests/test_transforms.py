@@ -184,6 +184,36 @@ def test_preprocess_matches_test_pipeline_and_maps_back():
     torch.testing.assert_close(boxes_to_original(whole, meta), torch.tensor([[0.0, 0.0, 90.0, 60.0]]))
 
 
+def _target(size: int, orig_hw: tuple[int, int], affine: list[float]) -> dict[str, torch.Tensor]:
+    """A sample's metadata as the pipeline returns it: input size, original (h, w), input_to_orig (sx, sy, dx, dy)."""
+    return {"size": torch.tensor([size, size]), "orig_size": torch.tensor(orig_hw),
+            "input_to_orig": torch.tensor(affine)}  # fmt: skip
+
+
+def test_boxes_to_original_hand_computed_stretch_letterbox_and_flip():
+    """Predictions of any leading shape back to original pixels, worked out by hand for a 100x50 image at 64.
+
+    Catches the affine applied the wrong way round (``* s`` or ``+ d``), x and y scales or columns swapped, the
+    corners sorted along the wrong axis or stacked on the wrong one (only visible with more than one leading
+    dimension, or with one box alone), and a missing clip at 0 or at the image's size."""
+    # stretch: x_in = 0.64 x, y_in = 1.28 y
+    stretch = _target(64, (50, 100), [0.64, 1.28, 0.0, 0.0])
+    inside = [0.25, 0.5, 0.25, 0.5]  # input [8, 16, 24, 48] -> [12.5, 12.5, 37.5, 37.5]
+    leaving = [0.0, 1.0, 0.5, 0.5]  # input [-16, 48, 16, 80] -> [-25, 37.5, 25, 62.5], clipped to [0, 37.5, 25, 50]
+    back = boxes_to_original(torch.tensor([[inside, leaving], [leaving, inside]]), stretch)
+    a, b = [12.5, 12.5, 37.5, 37.5], [0.0, 37.5, 25.0, 50.0]
+    torch.testing.assert_close(back, torch.tensor([[a, b], [b, a]]))
+    # centred letterbox: 64x32 content 16 rows down, x_in = 0.64 x, y_in = 0.64 y + 16
+    boxed = _target(64, (50, 100), [0.64, 0.64, 0.0, 16.0])
+    # input [24, 24, 40, 40] -> y (24 - 16) / 0.64 = 12.5; the whole input -> y -25..75, clipped to 0..50
+    back = boxes_to_original(torch.tensor([[0.5, 0.5, 0.25, 0.25], [0.5, 0.5, 1.0, 1.0]]), boxed)
+    torch.testing.assert_close(back, torch.tensor([[37.5, 12.5, 62.5, 37.5], [0.0, 0.0, 100.0, 50.0]]))
+    # the same letterbox, flipped: x_in = 64 - 0.64 x; input [8, 24, 24, 40] -> x 87.5 and 62.5, sorted
+    flipped = _target(64, (50, 100), [-0.64, 0.64, 64.0, 16.0])
+    back = boxes_to_original(torch.tensor([0.25, 0.5, 0.25, 0.25]), flipped)
+    torch.testing.assert_close(back, torch.tensor([62.5, 12.5, 87.5, 37.5]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pixel-exact image/box alignment through crop, flip, letterbox and the map back to original pixels.
 #
