@@ -272,7 +272,7 @@ class Grounder:
         results = []
         for i, (text, pil, meta, info) in enumerate(zip(texts, images, metas, infos)):
             result = self._result(text, pil, meta, detections[branch][i], info, branch)
-            others = {b: kept_original(d[i], meta) for b, d in detections.items() if b != branch}
+            others = {b: kept_original(d[i], meta)[0] for b, d in detections.items() if b != branch}
             if others:
                 result.confidences = agreement(torch.tensor(result.boxes).reshape(-1, 4), *others.values()).tolist()
             if run.attention is not None:
@@ -296,19 +296,18 @@ class Grounder:
         self, text: str, image: Image.Image, meta: dict, det: artifact.Detections, info: dict, branch: str
     ) -> GroundingResult:
         """One sample's post-processed outputs -> a GroundingResult in original-image pixels."""
-        finite = torch.isfinite(det.kept_scores) & torch.isfinite(det.kept_boxes).all(-1)
         notes = list(info["warnings"])
         if not (torch.isfinite(det.scores).all() and torch.isfinite(det.boxes).all()):
             notes.append("the model's output is not finite (NaN or infinity): no box is reported for it")
         vocabulary = provenance.vocabulary_warning(self.tokenizer, text)  # words it cannot know
         photo = provenance.photo_warning(image) if self.spec.synthetic_only else None  # an image unlike its training
         notes += [note for note in (vocabulary, photo) if note]
-        boxes_px = boxes_to_original(det.kept_boxes[finite], meta)
+        boxes_px, scores = kept_original(det, meta)
         task = "rec" if det.scores.numel() == 1 else "grec"
         return GroundingResult(
             text=text,
             boxes=boxes_px.tolist(),
-            scores=det.kept_scores[finite].tolist(),
+            scores=scores.tolist(),
             no_target=task == "grec" and det.keep.numel() == 0,
             task=task,
             branch=branch,
@@ -321,10 +320,11 @@ class Grounder:
         )
 
 
-def kept_original(det: artifact.Detections, meta: dict) -> Tensor:
-    """A sample's reported boxes [K, 4] as xyxy original pixels, the non-finite ones left out (as in a result)."""
+def kept_original(det: artifact.Detections, meta: dict) -> tuple[Tensor, Tensor]:
+    """A sample's reported boxes [K, 4] as xyxy original pixels and their scores [K], the non-finite ones left out
+    (a model giving NaN reports no box for it)."""
     finite = torch.isfinite(det.kept_scores) & torch.isfinite(det.kept_boxes).all(-1)
-    return boxes_to_original(det.kept_boxes[finite], meta)
+    return boxes_to_original(det.kept_boxes[finite], meta), det.kept_scores[finite]
 
 
 def agreement(boxes: Tensor, other: Tensor) -> Tensor:
