@@ -173,6 +173,12 @@ def test_pretrain_resumes_exactly_and_its_encoder_loads_into_simvg(tmp_path, tok
     report = load_beit3_pretrained(encoder, whole / "beit3.pth")
     assert "encoder.embed_positions.A.weight" in report.resized and not report.ignored
     assert torch.equal(encoder.text_embed.weight, a["model"]["beit3.text_embed.weight"])
+    # ... but not into an encoder of another width: one error naming the file and the first mismatched key
+    narrow = BEiT3(beit3_config("tiny", vocab_size=64, embed_dim=32, ffn_dim=64))
+    with pytest.raises(
+        UserError, match=r"beit3\.pth: text_embed.weight has shape \[64, 64\] in the checkpoint but \[64, 32\]"
+    ):
+        load_beit3_pretrained(narrow, whole / "beit3.pth")
 
 
 def test_a_first_phrase_longer_than_the_text_budget_is_an_error_not_cut(tokenizer):
