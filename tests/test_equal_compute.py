@@ -35,7 +35,7 @@ def test_clock_adds_stages_and_skips_resume_pause(tmp_path: Path) -> None:
         {"event": "val", "time": 20720.0, "step": 600, "val/decoder/acc": 55.0, "val/token/acc": 31.0},
     ])  # fmt: skip
     points = equal_compute.arm_points([pre, fine])
-    assert [p.minutes for p in points] == pytest.approx([2.0, 4.0, 10.0, 16.0])
+    assert [p.clock for p in points] == pytest.approx([2.0, 4.0, 10.0, 16.0])
     assert [p.stage for p in points] == ["pre", "pre", "fine", "fine"]
     assert points[1].values["t2p_acc"] == 60.0
     assert equal_compute.first_crossing(points, "val/decoder/acc", 20.0) == pytest.approx(10.0)
@@ -71,3 +71,21 @@ def test_crossings_are_per_stage(tmp_path: Path) -> None:
     assert "starter, decoder: >= 20 % at 2.0 min, >= 30 % at 2.0 min, >= 50 % at 2.0 min" in text
     assert "easy, decoder: >= 20 % at 3.0 min, >= 30 % at 3.0 min, >= 50 % at 4.0 min" in text
     assert "easy, token: >= 20 % at 3.0 min, >= 30 % at 4.0 min, >= 50 % never" in text
+
+
+def test_step_clock_weights_pretraining_steps_and_ignores_time(tmp_path: Path) -> None:
+    """--clock steps: a pre-training stage (records with t2p_acc) of 200 steps at cost 0.5 is 100 step-equivalents,
+    whatever its minutes; the fine-tuning stage's step 300 then sits at 100 + 300 = 400."""
+    pre = write_run(tmp_path / "pre", [
+        {"event": "start", "time": 0.0, "step": 0},
+        {"event": "val", "time": 9999.0, "step": 100, "t2p_acc": 50.0},
+        {"event": "train", "time": 19999.0, "step": 200, "loss": 1.0},
+    ])  # fmt: skip
+    fine = write_run(tmp_path / "fine", [
+        {"event": "start", "time": 30000.0, "step": 0},
+        {"event": "val", "time": 30001.0, "step": 300, "val/decoder/acc": 25.0, "val/token/acc": 10.0},
+    ])  # fmt: skip
+    points = equal_compute.arm_points([pre, fine], clock="steps", pretrain_cost=0.5)
+    assert [p.clock for p in points] == pytest.approx([50.0, 400.0])
+    assert "fine, decoder: >= 20 % at 400.0 steps, >= 30 % never" in equal_compute.table("arm", points, "steps")
+    assert "| fine | 300 | 400 | 25.0 | 10.0 |" in equal_compute.table("arm", points, "steps")
