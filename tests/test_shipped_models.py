@@ -152,7 +152,8 @@ def xyxy(box: list[float]) -> list[float]:
 
 # Known scenes: one expression of each generated set, chosen when the floors were measured (both branches of the
 # REC model hit it at IoU 0.75 / 0.82; the GREC decoder finds both targets at IoU 0.93 / 0.92 with scores 0.90 /
-# 0.79, its token branch at 0.90 / 0.88). The expected boxes are SynthRef's ground truth, read from the generated annotation file.
+# 0.79, its token branch at 0.90 / 0.88). The expected boxes are SynthRef's ground truth, read from the generated
+# annotation file.
 REC_SCENE = ("val", 722, "the top left thing in purple")
 GREC_SCENE = ("val", 737, "the shapes in pink")
 
