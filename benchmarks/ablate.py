@@ -26,6 +26,12 @@ training and evaluation, with two runs sharing a 2-core CPU)::
     python benchmarks/ablate.py --steps 1000 --seeds 0 1 --parallel 2 --out runs/ablate_starter --report docs/results
     python benchmarks/ablate.py --steps 1000 --seeds 0 --variants onestage_dwbd --fractions 0.25 0.1 \\
         --out runs/ablate_starter --report docs/results
+
+The same ablation from the encoder pre-trained on SynthRef captions (docs/results/ablation_pretrained)::
+
+    python benchmarks/ablate.py --steps 1000 --seeds 0 1 --parallel 2 \\
+        --set model.pretrained=artifacts/pretrain_synthref/beit3_fp16.pth \\
+        --out runs/ablate_pretrained --report docs/results/ablation_pretrained
 """
 
 from __future__ import annotations
