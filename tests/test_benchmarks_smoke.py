@@ -23,6 +23,7 @@ COVERED_ELSEWHERE = {  # script -> the test file that runs it end to end (a test
     "ablate.py": "test_ablate.py",
     "binding_probe.py": "test_binding_probe.py",
     "equal_compute.py": "test_equal_compute.py",
+    "grec_failures.py": "test_grec_failures.py",
     "int8_accuracy.py": "test_quantize.py",
     "targets.py": "test_targets.py",
 }
