@@ -60,9 +60,10 @@ def classify(prediction: dict, gt_boxes: list[list[float]]) -> tuple[str, bool]:
     scores = torch.tensor(prediction["scores"], dtype=torch.float)
     gt = torch.tensor(gt_boxes, dtype=torch.float).reshape(-1, 4)
     outcome = grec_outcome(boxes, scores, gt)
-    above = scores >= SCORE_THRESHOLD
-    keep = without_duplicates(boxes[above], scores[above])
-    after_nms = grec_outcome(boxes[above][keep], scores[above][keep], gt).correct
+    above = scores >= SCORE_THRESHOLD  # the boxes the evaluator keeps; NMS runs on those only
+    kept_boxes, kept_scores = boxes[above], scores[above]
+    keep = without_duplicates(kept_boxes, kept_scores)
+    after_nms = grec_outcome(kept_boxes[keep], kept_scores[keep], gt).correct
     if outcome.correct:
         return "correct", after_nms
     if outcome.no_target:
