@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/simvg demo
 
 # The embedded REC default's recipe (docs/results.md): data (the starter folder only for its tokenizer, the word ids of
-# every SynthRef recipe), then pre-training of the encoder on linked SynthRef captions (2000 steps, ~44-54 min), then
+# every SynthRef recipe), then pre-training of the encoder on linked SynthRef captions (2000 steps, 54-72 min), then
 # SimVG on the easy level from that encoder (5400 steps, 76 min); one core each, the other core busy.
 # Run it again after an interruption: each stage resumes from its last.pth. Ship it:
 # simvg export weights --checkpoint runs/synthref_rec/last.pth --out simvg/assets/default --half
