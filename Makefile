@@ -38,8 +38,8 @@ default-rec: $(STAMP)
 	$(BIN)/simvg train configs/synthref_rec.yaml $$(test -f runs/synthref_rec/last.pth && echo --resume)
 
 # The embedded GREC default's recipe: from the REC default's run (make default-rec first), two stages on the easy
-# GREC level (66 min on one core, the other core busy). Ship it (then set `branch: decoder` in its model.yaml, as
-# shipped; export picks the token branch of a model that trained one):
+# GREC level (66 min on one core with the other core busy; 50 min with train.threads=2 on idle cores). Ship it
+# (then set `branch: decoder` in its model.yaml, as shipped; export picks the token branch of a model that trained one):
 # simvg export weights --checkpoint runs/synthref_grec/last.pth --out simvg/assets/default_grec --half
 default-grec: $(STAMP)
 	test -f runs/synthref_rec/last.pth || $(MAKE) default-rec
