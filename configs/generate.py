@@ -210,7 +210,7 @@ def synthref() -> dict[str, Config]:
         # The REC default: SimVG on the easy level from the encoder that `simvg pretrain` bound to SynthRef's words
         # (configs/pretrain/synthref_align.yaml, 2000 steps), with the starter folder's tokenizer (the word ids of
         # every SynthRef recipe). At equal compute (2400 steps) it matched the two-stage scratch curriculum (starter
-        # level, then easy) on val and beat it by 15 / 12 points on testA; 5400 steps added 10-15 points to every
+        # level, then easy) on val and beat it by 15 / 12 points on testA; 5400 steps added 8-16 points to every
         # split, the token branch most (docs/results.md).
         "synthref_rec": Config(
             model=ModelSection(preset="simvg_synth_s", overrides=CONV, pretrained=f"{PRETRAIN}/beit3.pth"),
