@@ -44,7 +44,7 @@ from simvg.data.datasets import tokenizer_path
 from simvg.data.tokenizer import BEiT3Tokenizer, check_vocab
 from simvg.errors import UserError
 from simvg.models import SimVG, SimVGConfig
-from simvg.models.beit3 import load_beit3_pretrained
+from simvg.models.beit3 import VISION_POS_KEY, is_square_grid, load_beit3_pretrained, resample_vision_positions
 from simvg.models.official import infer_config, is_official_state, official_to_ours
 from simvg.models.quantize import build_int8, check_precision
 from simvg.utils.checkpoint import (
@@ -504,6 +504,7 @@ def init_weights(
             path, other, tokenizer_path(data), other,
         )  # fmt: skip
     state, dropped = without_prefixes(read.state, model, reset)
+    state = with_image_size(state, model, path)
     hint = " (to start it fresh instead: --set model.init_reset=[{key}])"
     missing, unexpected = load_model_state(model, state, strict=False, source=path, mismatch_hint=hint)
     if len(missing) == len(model.state_dict()):
@@ -516,6 +517,23 @@ def init_weights(
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             log.warning("init_from %s: %d %s keys: %s", path, len(keys), label, ", ".join(keys[:10]))
+
+
+def with_image_size(state: Mapping[str, Tensor], model: nn.Module, path: str) -> dict[str, Tensor]:
+    """``state`` with its vision position table [3 + s*s, D] resampled (bicubic, as the BEiT-3 loader does) to the
+    model's grid when the two image sizes differ: a stage may fine-tune at another resolution than the run it starts
+    from (e.g. 64 px, then 128 px). Any other shape mismatch stays an error of ``load_model_state``."""
+    state = dict(state)
+    key = f"encoder.{VISION_POS_KEY}"
+    own = model.state_dict().get(key)
+    value = state.get(key)
+    if own is None or value is None or value.shape == own.shape:
+        return state
+    if value.dim() == 2 and value.shape[1] == own.shape[1] and is_square_grid(value.shape[0], own.shape[0]):
+        state[key] = resample_vision_positions(value, own.shape[0]).to(own.dtype)
+        log.info("init_from %s: resized %s %s -> %s (another image size)", path, key, list(value.shape),
+                 list(own.shape))  # fmt: skip
+    return state
 
 
 def without_prefixes(

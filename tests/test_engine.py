@@ -128,6 +128,33 @@ def test_init_from_warns_when_the_run_reads_another_tokenizer(trained, tmp_path,
             assert str(theirs) in warnings[0] and str(other) in warnings[0]
 
 
+def test_init_from_a_run_at_another_image_size_resamples_the_vision_positions(trained, caplog):
+    """A 64 px run's checkpoint starts a 128 px stage: the [3 + 4*4, D] position table becomes [3 + 8*8, D]; its
+    three leading rows are copied, a constant patch grid stays constant, every other weight is loaded as it is."""
+    cfg, _ = trained
+    obj = load_checkpoint(f"{cfg.train.output_dir}/last.pth")
+    key = "encoder.encoder.embed_positions.A.weight"
+    table = clean_state_dict(obj["model"])[key]
+    assert table.shape[0] == 3 + 4 * 4  # simvg_tiny_test: patch 16 at 64 px
+    flat = table.clone()
+    flat[3:] = torch.linspace(-1, 1, table.shape[1])  # every patch row the same vector
+    obj["model"] = {**clean_state_dict(obj["model"]), key: flat}
+    ckpt = Path(cfg.train.output_dir).parent / "flat_positions.pth"
+    torch.save(obj, ckpt)
+    encoder = {**cfg.model.overrides["encoder"], "img_size": 128}
+    big = dataclasses.replace(cfg.model, overrides={**cfg.model.overrides, "encoder": encoder})
+    model = build_model(big, cfg.data, with_weights=False)
+    caplog.clear()
+    init_weights(model, str(ckpt), use_ema=False)
+    resized = model.state_dict()[key]
+    assert resized.shape == (3 + 8 * 8, table.shape[1])
+    assert torch.equal(resized[:3], flat[:3])
+    assert torch.allclose(resized[3:], flat[3:4].expand(64, -1), atol=1e-5)  # bicubic keeps a constant a constant
+    assert any("resized" in r.getMessage() and "[19, " in r.getMessage() for r in caplog.records)
+    expected = obj["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items() if k != key)
+
+
 def test_init_reset_starts_a_grec_model_from_a_rec_checkpoint(trained, caplog):
     cfg, _ = trained
     ckpt = f"{cfg.train.output_dir}/last.pth"

@@ -537,7 +537,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-_VISION_POS_KEY = "encoder.embed_positions.A.weight"
+VISION_POS_KEY = "encoder.embed_positions.A.weight"
 _PATCH_KERNEL_KEY = "vision_embed.proj.weight"
 _KEEP_ROWS = POSITION_OFFSET + 1  # 2 unused offset rows + CLS are copied unchanged
 
@@ -590,7 +590,7 @@ def _state_dict_of(obj: object, path: Path) -> dict[str, tuple[str, object]]:
     return state
 
 
-def _resample_vision_positions(table: Tensor, rows: int) -> Tensor:
+def resample_vision_positions(table: Tensor, rows: int) -> Tensor:
     """[3 + s*s, D] -> [rows, D] (fp32): first 3 rows unchanged, the s x s patch grid resized bicubically."""
     head, grid = table[:_KEEP_ROWS].float(), table[_KEEP_ROWS:].float()
     old_side, new_side = math.isqrt(grid.shape[0]), math.isqrt(rows - _KEEP_ROWS)
@@ -608,8 +608,8 @@ def _fit(key: str, value: Tensor, target: Tensor, path: Path, report: LoadReport
         report.loaded.append(key)
         return value
     old, new = tuple(value.shape), tuple(target.shape)
-    if key == _VISION_POS_KEY and value.dim() == 2 and old[1] == new[1] and _is_square_grid(old[0], new[0]):
-        resized = _resample_vision_positions(value, new[0])
+    if key == VISION_POS_KEY and value.dim() == 2 and old[1] == new[1] and is_square_grid(old[0], new[0]):
+        resized = resample_vision_positions(value, new[0])
     elif key == _PATCH_KERNEL_KEY and value.dim() == 4 and old[:2] == new[:2]:
         # SimVG's 16 -> 32 kernel resize: bicubic, without rescaling magnitudes (docs/design.md B13).
         resized = F.interpolate(value.float(), size=new[2:], mode="bicubic", align_corners=False)
@@ -619,7 +619,7 @@ def _fit(key: str, value: Tensor, target: Tensor, path: Path, report: LoadReport
     return resized
 
 
-def _is_square_grid(*rows: int) -> bool:
+def is_square_grid(*rows: int) -> bool:
     return all(r > _KEEP_ROWS and math.isqrt(r - _KEEP_ROWS) ** 2 == r - _KEEP_ROWS for r in rows)
 
 
